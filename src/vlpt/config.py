@@ -1,0 +1,272 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated by pydantic.
+
+A run is one config file plus a few overrides (``train.batch_size=128``). Every field carries a
+docstring (it becomes the description shown by ``vlpt pretrain --help-config`` and the docs).
+Unknown keys and wrong types end in one sentence naming the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one sentence that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class Source(_Strict):
+    """One stream of shards."""
+
+    url: str
+    """Shard pattern: a folder of .tar files, a brace pattern (`/d/{00000..00099}.tar`), an
+    `http(s)://` URL or a `pipe:` command; several patterns may be joined with `::`."""
+    weight: float = 1.0
+    """Relative sampling weight when several sources are mixed."""
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("weight must be > 0")
+        return v
+
+
+def _as_sources(v: Any) -> Any:
+    """Accept `"pattern"`, `["p1", "p2"]`, `[{"url": .., "weight": ..}]` or `"p1::p2"`."""
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [{"url": v}]
+    if isinstance(v, list):
+        return [{"url": s} if isinstance(s, str) else s for s in v]
+    return v
+
+
+class DataConfig(_Strict):
+    """Where samples come from and how they are turned into tensors."""
+
+    train: list[Source] = []
+    """Training sources (shard patterns with weights); streamed with resampling."""
+    val: list[Source] = []
+    """Validation shards for periodic evaluation (read once, in order)."""
+    test: list[Source] = []
+    """Optional test shards (e.g. unseen attribute combinations), evaluated at the end."""
+    workers: int = 1
+    """Dataloader worker processes per rank (0 = decode in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the shuffle buffer of each worker."""
+    resampled: bool = True
+    """Draw shards with replacement forever (epochs are then measured in samples)."""
+    epoch_samples: int = 0
+    """Samples that make one epoch when resampling (0 = read from sizes.json / not needed)."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Random-resized-crop area range for training images."""
+    max_image_pixels: int = 64_000_000
+    """Images larger than this (width*height) are skipped as decompression bombs."""
+    seed: int = 0
+    """Seed for shard order and shuffling."""
+
+    _split_sources = field_validator("train", "val", "test", mode="before")(
+        classmethod(lambda cls, v: _as_sources(v))
+    )
+
+    @field_validator("workers", "shuffle_buffer", "epoch_samples")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
+class ModelConfig(_Strict):
+    """Which architecture to build and where its weights come from."""
+
+    name: str = "tiny"
+    """Registered model name (see `vlpt models`): tiny, small, base, large, or a path to a JSON."""
+    pretrained: str = ""
+    """Optional open_clip checkpoint file (.pt/.bin/.safetensors) to initialise from."""
+    patch_dropout: float = 0.0
+    """FLIP: fraction of image patches dropped during training (0 disables)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+class LossConfig(_Strict):
+    """Contrastive objective."""
+
+    name: Literal["clip", "siglip"] = "clip"
+    """`clip` (InfoNCE, softmax) or `siglip` (pairwise sigmoid)."""
+    weight: float = 1.0
+    """Weight of this loss in the total."""
+    local_loss: bool = False
+    """CLIP only: compute logits of the local batch against all gathered features (saves memory)."""
+
+
+class TrainConfig(_Strict):
+    """Optimisation and the shape of the run."""
+
+    batch_size: int = 128
+    """Samples per rank per optimiser step (before gradient accumulation)."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    max_steps: int = 1000
+    """Stop after this many optimiser steps."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training (0 = no limit); the schedule is built for max_steps."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine floor)."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases, norms, embeddings, temperature)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Autocast dtype for the forward pass; parameters and optimiser stay fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    threads: int = 0
+    """torch intra-op threads per process (0 = torch default)."""
+    seed: int = 0
+    """Seed for model init and every RNG."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    eval_every: int = 0
+    """Evaluate on data.val every this many steps (0 = only at the end)."""
+    ckpt_every: int = 500
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to OUTPUT_DIR/tb."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install wandb` and a login)."""
+
+    @field_validator("batch_size", "accum_steps", "max_steps")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+class EvalConfig(_Strict):
+    """Evaluation during and after training."""
+
+    batch_size: int = 256
+    """Batch size for embedding the evaluation sets."""
+    max_items: int = 1000
+    """Evaluate on at most this many val items (all captions of each are queries)."""
+    zeroshot: list[str] = ["shape", "colour"]
+    """Zero-shot classification tasks to report (synthetic world attributes)."""
+
+
+class RunConfig(_Strict):
+    """A whole pretraining run."""
+
+    output_dir: str = "runs/default"
+    """Run folder: checkpoints/, metrics.jsonl, tb/, config.yaml."""
+    resume: str = ""
+    """`auto` = continue from the last checkpoint in output_dir; or a checkpoint folder; or empty."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _has_data(self) -> RunConfig:
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _known_keys(model), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{origin}: config key '{key}' does not exist{hint}.")
+    got = first.get("input")
+    return ConfigError(f"{origin}: config key '{key}' = {got!r} is invalid: {first['msg']}.")
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), model: type[_Strict] = RunConfig
+) -> Any:
+    """Read a YAML config, apply dotted overrides, validate; raise ConfigError on any problem."""
+    tree: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass a YAML file such as configs/pretrain/synthetic-tiny.yaml.")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}).") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys, not {type(tree).__name__}.")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, model, origin) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (written to the run folder and every checkpoint)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,292 @@
+"""Write the synthetic world as WebDataset shards in img2dataset's layout.
+
+    OUT_DIR/info.json                  seed, counts, vocabularies, held-out pairs
+    OUT_DIR/{train,val,test}/00000.tar KEY.jpg, KEY.txt (one caption a line), KEY.json
+    OUT_DIR/{split}/00000_stats.json   img2dataset-style per-shard stats
+    OUT_DIR/{split}/sizes.json         {"00000.tar": count, ...} (read by open_clip)
+    OUT_DIR/{split}/nshards.txt        number of shards
+
+Every image draws its randomness from (seed, split, index) alone and each shard is written by
+one process with fixed tar metadata, so the output is byte-identical whatever the number of
+worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from vlpt.data.synthetic import world
+from vlpt.data.synthetic.captions import make_captions
+from vlpt.data.synthetic.render import render_scene
+
+JPEG_QUALITY = 90
+_SPLIT_ID = {split: i for i, split in enumerate(world.SPLITS)}
+_SHARD_FILE = re.compile(r"^\d{5}(\.tar|_stats\.json|\.tar\.tmp)$")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: images [start, stop) of `split`. Picklable, for the worker pool."""
+
+    out_dir: Path
+    split: str
+    shard: int
+    start: int
+    stop: int
+    seed: int
+    size: int
+    captions_per_image: int
+    held_out: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard:05d}.tar"
+
+
+def write_dataset(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 20000,
+    n_val: int = 1000,
+    n_test: int = 1000,
+    size: int = 64,
+    shard_size: int = 1000,
+    captions_per_image: int = 5,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate the train/val/test image shards of the synthetic world under `out_dir`.
+
+    Returns a summary: {"out_dir", "seed", "counts": {split: images}, "shards": {split: n},
+    "seconds", "images_per_minute"}.
+    """
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    _check_args(seed, counts, size, shard_size, captions_per_image, workers)
+    out = Path(out_dir)
+    held_out = world.held_out_pairs(seed)
+    jobs = plan_shards(out, counts, seed, size, shard_size, captions_per_image, held_out)
+    for split in world.SPLITS:
+        _prepare_split_dir(out / split, {j.name for j in jobs if j.split == split})
+
+    start = time.perf_counter()
+    written = _run_jobs(jobs, workers or os.cpu_count() or 1, progress)
+    seconds = time.perf_counter() - start
+
+    for split in world.SPLITS:
+        sizes = {job.name: n for job, n in written if job.split == split}
+        _write_text(out / split / "sizes.json", json.dumps(sizes, indent=1, sort_keys=True))
+        _write_text(out / split / "nshards.txt", f"{len(sizes)}\n")
+    info = dataset_info(seed, counts, size, shard_size, captions_per_image, held_out)
+    _write_text(out / "info.json", json.dumps(info, indent=1))
+    total = sum(counts.values())
+    return {
+        "out_dir": str(out),
+        "seed": seed,
+        "counts": counts,
+        "shards": info["shards"],
+        "seconds": round(seconds, 3),
+        "images_per_minute": round(60 * total / max(seconds, 1e-9)),
+    }
+
+
+def plan_shards(
+    out: Path,
+    counts: dict[str, int],
+    seed: int,
+    size: int,
+    shard_size: int,
+    captions_per_image: int,
+    held_out: tuple[tuple[str, str], ...],
+) -> list[ShardJob]:
+    """Cut each split into consecutive shards of `shard_size` images (the last may be shorter)."""
+    return [
+        ShardJob(
+            out,
+            split,
+            start // shard_size,
+            start,
+            min(start + shard_size, n),
+            seed,
+            size,
+            captions_per_image,
+            held_out,
+        )
+        for split, n in counts.items()
+        for start in range(0, n, shard_size)
+    ]
+
+
+def write_shard(job: ShardJob) -> tuple[ShardJob, int]:
+    """Write one shard through a temporary file, so an interrupted run leaves no truncated tar."""
+    path = job.out_dir / job.split / job.name
+    tmp = path.with_name(path.name + ".tmp")
+    # Fixed mtime and owner: the tar bytes depend on the samples only.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as sink:
+        for index in range(job.start, job.stop):
+            sink.write(make_sample(job, index))
+    os.replace(tmp, path)
+    n = job.stop - job.start
+    stats = {
+        "count": n,
+        "successes": n,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "status_dict": {"success": n},
+    }
+    _write_text(path.with_name(f"{job.shard:05d}_stats.json"), json.dumps(stats, indent=1))
+    return job, n
+
+
+def make_sample(job: ShardJob, index: int) -> dict[str, str | bytes]:
+    """The sample for image `index` of `job.split`: key, JPEG, captions and metadata."""
+    # Separate streams for layout, pixels and text: changing the caption count leaves images alone.
+    entropy = np.random.SeedSequence([job.seed, _SPLIT_ID[job.split], index])
+    scene_rng, pixel_rng, text_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
+    spec = world.sample_scene(
+        scene_rng, held_out=job.held_out, require_held_out=job.split == "test"
+    )
+    image = render_scene(spec.to_scene(pixel_rng), job.size, pixel_rng)
+    jpeg = io.BytesIO()
+    # 4:4:4 chroma: the default 4:2:0 smears the colour of a 12 px object into its background.
+    image.save(jpeg, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+    captions = make_captions(spec, job.captions_per_image, text_rng)
+    key = f"{index:09d}"
+    meta = sample_metadata(spec, key, job.split, job.size, len(captions), job.held_out)
+    return {
+        "__key__": key,
+        "jpg": jpeg.getvalue(),
+        "txt": "\n".join(captions).encode("utf-8"),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+
+
+def sample_metadata(
+    spec: world.SceneSpec,
+    key: str,
+    split: str,
+    size: int,
+    captions_n: int,
+    held_out: tuple[tuple[str, str], ...],
+) -> dict:
+    """The per-sample `.json`; evaluation reads `objects[*].shape|colour|size|position`."""
+    objects = [
+        {
+            "shape": o.shape,
+            "colour": o.colour,
+            "size": o.size,
+            "position": o.position,
+            "row": o.row,
+            "col": o.col,
+        }
+        for o in spec.objects
+    ]
+    return {
+        "key": key,
+        "width": size,
+        "height": size,
+        "split": split,
+        "background": spec.background.kind,
+        "objects": objects,
+        "relations": spec.relations(),
+        "captions_n": captions_n,
+        "held_out": any(o.pair in held_out for o in spec.objects),
+    }
+
+
+def dataset_info(
+    seed: int,
+    counts: dict[str, int],
+    size: int,
+    shard_size: int,
+    captions_per_image: int,
+    held_out: tuple[tuple[str, str], ...],
+) -> dict:
+    """Contents of `OUT_DIR/info.json`: everything needed to regenerate or interpret the data."""
+    return {
+        "name": "vlpt-synthetic",
+        "seed": seed,
+        "image_size": size,
+        "shard_size": shard_size,
+        "captions_per_image": captions_per_image,
+        "counts": counts,
+        "shards": {split: -(-n // shard_size) for split, n in counts.items()},
+        "vocab": {
+            "shapes": list(world.SHAPES),
+            "colours": list(world.COLOURS),
+            "sizes": list(world.SIZES),
+            "positions": list(world.POSITIONS),
+            "backgrounds": list(world.BACKGROUNDS),
+            "relations": list(world.RELATIONS),
+        },
+        "held_out_pairs": [{"colour": c, "shape": s} for c, s in held_out],
+    }
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> list[tuple[ShardJob, int]]:
+    """Write all shards, in a process pool when more than one worker is useful."""
+    total = sum(job.stop - job.start for job in jobs)
+    bar = tqdm(total=total, unit="img", desc="vlpt data synth", disable=not progress)
+    workers = min(workers, len(jobs))
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(write_shard(job))
+            bar.update(job.stop - job.start)
+    else:
+        # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would copy mid-lock.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for job, n in pool.imap_unordered(write_shard, jobs):
+                results.append((job, n))
+                bar.update(n)
+    bar.close()
+    return sorted(results, key=lambda r: (r[0].split, r[0].shard))
+
+
+def _prepare_split_dir(split_dir: Path, keep: set[str]) -> None:
+    """Create `split_dir` and delete shards of an earlier, larger run that this run won't
+    overwrite: a loader globbing the folder would otherwise mix them in."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for path in split_dir.iterdir():
+        tar_name = path.name.replace("_stats.json", ".tar").removesuffix(".tmp")
+        if _SHARD_FILE.match(path.name) and (tar_name not in keep or path.suffix == ".tmp"):
+            path.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def _check_args(
+    seed: int,
+    counts: dict[str, int],
+    size: int,
+    shard_size: int,
+    captions_per_image: int,
+    workers: int | None,
+) -> None:
+    """Reject arguments a user can get wrong with one sentence that names the argument."""
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+    for split, n in counts.items():
+        if n < 0:
+            raise ValueError(f"the number of {split} images must be >= 0, got {n}.")
+    if size < 16:
+        raise ValueError(f"image size must be at least 16 pixels, got {size}.")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}.")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1 (or None for all cores), got {workers}.")

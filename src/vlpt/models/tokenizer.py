@@ -1,0 +1,50 @@
+"""Tokenizer: open_clip's BPE tokenizer, whose vocabulary file ships inside open_clip (offline)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+
+class Tokenizer:
+    """Callable `list[str] -> LongTensor (B, L)`, padded with 0, EOT kept on truncation.
+
+    L is the longest caption of the batch (at most `context_length`), not the context length:
+    the text tower's work grows with L, and padding past the end token changes nothing. Pass
+    `pad_to_context=True` for open_clip's fixed (B, context_length) shape.
+
+    Captions repeat a lot (paraphrase templates, class prompts), and the BPE tokenizer is pure
+    Python, so token ids of each distinct string are cached.
+    """
+
+    def __init__(self, context_length: int, cache_size: int = 65536) -> None:
+        self.context_length = context_length
+        self._bpe = SimpleTokenizer(context_length=context_length)
+        self.vocab_size = len(self._bpe.encoder)
+        self.sot_id = self._bpe.sot_token_id
+        self.eot_id = self._bpe.eot_token_id
+        self._ids = lru_cache(maxsize=cache_size)(self._encode)
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        ids = [self.sot_id, *self._bpe.encode(text), self.eot_id]
+        if len(ids) > self.context_length:
+            ids = ids[: self.context_length]
+            ids[-1] = self.eot_id
+        return tuple(ids)
+
+    def __call__(self, texts: str | list[str], pad_to_context: bool = False) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = [self._ids(text) for text in texts]
+        length = self.context_length if pad_to_context else max((len(i) for i in ids), default=2)
+        out = torch.zeros(len(ids), length, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return out
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        """Token ids (1-D) back to text, without the start/end markers and padding."""
+        ids = [int(t) for t in tokens if int(t) not in (0, self.sot_id, self.eot_id)]
+        return self._bpe.decode(ids).strip()

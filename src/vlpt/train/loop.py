@@ -1,0 +1,251 @@
+"""The training loop: one loop for every objective mix, on CPU, one GPU or many (torchrun).
+
+Reads top to bottom: set up -> (resume) -> for each data segment: step, log, evaluate,
+checkpoint -> final evaluation. The loop sums the `loss/*` terms its objectives return and
+knows none of them by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vlpt.config import RunConfig, dump_config
+from vlpt.data import build_train_loader
+from vlpt.models import VisionLanguageModel, build_model, get_tokenizer
+from vlpt.objectives import build_objectives
+from vlpt.train import checkpoint as ckpt
+from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from vlpt.train.evaluation import evaluate_run
+from vlpt.train.metrics import MetricsLogger, NullLogger
+from vlpt.train.optim import build_optimizer, lr_schedule, set_lr
+from vlpt.train.parallel import wrap_model
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must remember besides weights and optimiser."""
+
+    step: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    skips: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "samples": self.samples, "train_seconds": self.train_seconds, "skips": dict(self.skips)}
+
+
+def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU and CUDA (never fp16 on CPU: it is ~50x slower there)."""
+    enabled = cfg.train.precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_step(
+    model: nn.Module,
+    objectives: nn.ModuleList,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    cfg: RunConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward, backward and update on `accum_steps` micro-batches; returns detached metrics."""
+    optimizer.zero_grad(set_to_none=True)
+    logged: Counter = Counter()
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+        tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(cfg, device):
+                outputs = model(images, tokens)
+            # Losses in fp32: similarities of normalised bf16 features lose the fine margins.
+            outputs = {k: v.float() for k, v in outputs.items()}
+            terms: dict[str, torch.Tensor] = {}
+            for objective in objectives:
+                terms.update(objective(outputs))
+            loss = sum(v for k, v in terms.items() if k.startswith("loss/"))
+            (loss / n).backward()
+        logged.update({k: float(v.detach()) / n for k, v in terms.items()})
+        logged["loss"] += float(loss.detach()) / n
+    if cfg.train.grad_clip > 0:
+        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+    optimizer.step()
+    return dict(logged)
+
+
+def _out_of_time(state: TrainState, started: float, cfg: RunConfig, dist_info: DistInfo) -> bool:
+    """All ranks agree on stopping (rank 0's clock decides), so DDP never waits forever."""
+    if cfg.train.max_minutes <= 0:
+        return False
+    over = float(state.train_seconds + time.monotonic() - started >= 60 * cfg.train.max_minutes)
+    if dist_info.distributed:
+        over = float(all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)["over"])
+    return over > 0
+
+
+def _segment_seed(cfg: RunConfig, step: int, rank: int) -> int:
+    # The data stream restarts at every checkpoint boundary from a seed derived from the step,
+    # so a resumed run reads exactly what the killed run would have read next.
+    return (cfg.data.seed * 1_000_003 + step) * 1009 + rank
+
+
+def _build(cfg: RunConfig, dist_info: DistInfo) -> tuple[VisionLanguageModel, Any, nn.ModuleList, torch.optim.Optimizer]:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    # Only SigLIP uses the logit bias; a parameter without gradient would stall DDP's reducer.
+    model.logit_bias.requires_grad_(cfg.loss.name == "siglip")
+    model.to(dist_info.device)
+    tokenizer = get_tokenizer(cfg.model.name)
+    objectives = build_objectives(cfg).to(dist_info.device)
+    optimizer = build_optimizer(model, cfg.train, dist_info.device)
+    return model, tokenizer, objectives, optimizer
+
+
+def pretrain(cfg: RunConfig) -> dict[str, Any]:
+    """Train as the config says; returns (and prints, as the last line) the final evaluation."""
+    dist_info = init_distributed()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "version.json").write_text(json.dumps(ckpt.code_version()))
+
+    model, tokenizer, objectives, optimizer = _build(cfg, dist_info)
+    state = _resume(cfg, ckpt_root, model, optimizer, dist_info)
+    train_model = wrap_model(model, cfg, dist_info)
+    schedule = lr_schedule(cfg.train)
+    logger = (
+        MetricsLogger(out, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=cfg.model_dump(mode="json"))
+        if dist_info.is_main
+        else NullLogger()
+    )
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist_info.is_main), dynamic_ncols=True)
+
+    started = time.monotonic()
+    window: Counter = Counter()
+    window_start, window_steps = time.monotonic(), 0
+    done = state.step >= cfg.train.max_steps
+    while not done:
+        loader = build_train_loader(
+            cfg.data,
+            image_size=model.image_size,
+            mean=model.image_mean,
+            std=model.image_std,
+            tokenizer=tokenizer,
+            batch_size=cfg.train.batch_size,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            seed=_segment_seed(cfg, state.step, dist_info.rank),
+        )
+        batches = iter(loader)
+        while True:
+            micro = [next(batches) for _ in range(cfg.train.accum_steps)]
+            for b in micro:
+                state.skips.update(b.get("skips", {}))
+            set_lr(optimizer, schedule[state.step])
+            window.update(train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device))
+            state.step += 1
+            state.samples += sum(len(b["text"]) for b in micro) * dist_info.world_size
+            window_steps += 1
+            bar.update(1)
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                elapsed = time.monotonic() - window_start
+                record = {k: v / window_steps for k, v in window.items()}
+                record.update(
+                    lr=schedule[state.step - 1],
+                    samples=state.samples,
+                    samples_per_s=window_steps * cfg.train.batch_size * cfg.train.accum_steps * dist_info.world_size / elapsed,
+                    minutes=(state.train_seconds + time.monotonic() - started) / 60,
+                )
+                logger.log(state.step, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+                window, window_start, window_steps = Counter(), time.monotonic(), 0
+
+            done = state.step >= cfg.train.max_steps or _out_of_time(state, started, cfg, dist_info)
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done:
+                paused = time.monotonic()
+                _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits=("val",))
+                started += time.monotonic() - paused  # evaluation time is not training time
+                window_start += time.monotonic() - paused
+            boundary = state.step % cfg.train.ckpt_every == 0
+            if done or boundary:
+                state.train_seconds += time.monotonic() - started
+                started = time.monotonic()
+                _save(cfg, ckpt_root, model, optimizer, state, dist_info)
+            if done or boundary:
+                break  # a new data segment starts here (see _segment_seed)
+    bar.close()
+
+    result = _final_report(model, tokenizer, cfg, dist_info, logger, state)
+    logger.close()
+    cleanup()
+    return result
+
+
+def _resume(cfg: RunConfig, ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo) -> TrainState:
+    if not cfg.resume:
+        return TrainState()
+    path = ckpt.find_resume_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        if dist_info.is_main:
+            print(f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting from scratch")
+        return TrainState()
+    saved = ckpt.load_checkpoint(path, model, optimizer)
+    if dist_info.is_main:
+        print(f"vlpt: resumed from {path} (step {saved['step']})")
+    return TrainState(saved["step"], saved["samples"], saved["train_seconds"], Counter(saved.get("skips", {})))
+
+
+def _save(cfg: RunConfig, ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, dist_info: DistInfo) -> None:
+    if dist_info.is_main:
+        ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, state.to_json(), dump_config(cfg), cfg.train.keep_checkpoints)
+    if dist_info.distributed:
+        torch.distributed.barrier()
+
+
+def _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if dist_info.is_main:
+        model.eval()
+        with torch.no_grad():
+            results = evaluate_run(model, tokenizer, cfg, dist_info.device, splits=splits)
+        model.train()
+        logger.log(state.step, {f"eval/{k}": v for k, v in results.items()})
+    if dist_info.distributed:
+        torch.distributed.barrier()
+    return results
+
+
+def _final_report(model, tokenizer, cfg, dist_info, logger, state) -> dict[str, Any]:
+    skips = Counter({k: int(v) for k, v in all_reduce_sum(dict(state.skips), dist_info.device).items()})
+    results = _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits=("val", "test"))
+    report = {
+        "step": state.step,
+        "samples": state.samples,
+        "train_minutes": round(state.train_seconds / 60, 3),
+        **results,
+        "skipped": dict(skips),
+    }
+    if dist_info.is_main:
+        if skips:
+            print("vlpt: skipped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(skips.items())))
+        print(json.dumps(report))
+    return report

@@ -1,0 +1,104 @@
+"""Model registry and parity with the open_clip models vlpt wraps."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlpt.models import UnknownModelError, WeightsError, build_model, get_model_config, get_tokenizer, list_models
+
+
+def test_registry_has_the_documented_sizes():
+    assert {"tiny", "small", "base", "large"} <= set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_and_runs(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    cfg = get_model_config(name)
+    images = torch.zeros(2, 3, model.image_size, model.image_size, device="meta")
+    tokens = torch.ones(2, model.context_length, dtype=torch.long, device="meta")
+    out = model(images, tokens)
+    assert out["image_features"].shape == (2, cfg["embed_dim"])
+    assert out["text_features"].shape == (2, cfg["embed_dim"])
+
+
+def test_tiny_size_matches_the_documented_budget():
+    n = sum(p.numel() for p in build_model("tiny").parameters())
+    assert 12e6 < n < 14.5e6
+
+
+def test_unknown_model_is_one_clear_error():
+    with pytest.raises(UnknownModelError, match="'vit-huge-9000' is not registered"):
+        build_model("vit-huge-9000")
+
+
+def _open_clip_twin(name):
+    cfg = get_model_config(name)
+    cfg.pop("description")
+    return open_clip.model.CustomTextCLIP(**cfg)
+
+
+def test_parity_with_open_clip_towers():
+    torch.manual_seed(0)
+    ref = _open_clip_twin("tiny").eval()
+    model = build_model("tiny").eval()
+    missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
+    assert unexpected == [] and missing == ["logit_bias"]
+    tok = get_tokenizer("tiny")
+    tokens = tok(["a small red circle at the top left", "a large blue square below a tiny green star", "x"])
+    full = tok(["a small red circle at the top left", "a large blue square below a tiny green star", "x"], pad_to_context=True)
+    assert tokens.shape[1] < full.shape[1]
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images, normalize=True))
+        # vlpt trims padding before the text tower; the result must not change.
+        torch.testing.assert_close(model.encode_text(tokens), ref.encode_text(full, normalize=True), atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_matches_open_clip():
+    ours = get_tokenizer("tiny")
+    ref = open_clip.tokenizer.SimpleTokenizer(context_length=40)
+    texts = ["A Small red circle, top-left!", "word " * 60, ""]
+    assert torch.equal(ours(texts, pad_to_context=True), ref(texts))
+    assert ours(texts).shape == (3, 40) and ours(["a b", ""]).shape == (2, 4)
+    assert ours.decode(ours(["a small red circle"])[0]) == "a small red circle"
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_loads_open_clip_checkpoint_files(tmp_path, fmt):
+    torch.manual_seed(1)
+    ref = open_clip.model.CLIP(**{k: v for k, v in get_model_config("tiny").items() if k != "description"})
+    path = tmp_path / f"ckpt.{fmt}"
+    if fmt == "pt":  # the layout open_clip's trainer writes
+        torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model = build_model("tiny", pretrained=str(path)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ref.eval().encode_image(images, normalize=True))
+
+
+def test_bad_weight_files_are_clear_errors(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model("tiny", pretrained=str(tmp_path / "none.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not be read"):
+        build_model("tiny", pretrained=str(junk))
+    other = tmp_path / "small.safetensors"
+    save_file({"visual.conv1.weight": torch.zeros(1)}, str(other))
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_model("tiny", pretrained=str(other))
+
+
+def test_custom_architecture_file(tmp_path):
+    cfg = get_model_config("tiny")
+    cfg["text_cfg"]["layers"] = 1
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(cfg))
+    assert len(build_model(str(path)).text.transformer.resblocks) == 1
