@@ -1,8 +1,9 @@
 """Paraphrased captions of a `SceneSpec`.
 
 Every caption names, for every object, its colour, a size word and its shape, plus either its
-grid position or its relation to an object whose position is given, so a caption picks out its
-scene among thousands. Templates, synonyms and word order vary to keep the text encoder from
+grid position or its relation to another object, so a caption picks out its scene among
+thousands (only two-object scenes get position-free captions: one relation, e.g. 'above and to
+the left of', leaves few layouts open). Templates, synonyms and word order vary to keep the text encoder from
 keying on one fixed sentence shape.
 """
 

@@ -32,7 +32,18 @@ from vlpt.data.synthetic.render import render_scene
 
 JPEG_QUALITY = 90
 _SPLIT_ID = {split: i for i, split in enumerate(world.SPLITS)}
-_SHARD_FILE = re.compile(r"^\d{5}(\.tar|_stats\.json|\.tar\.tmp)$")
+_SHARD_FILE = re.compile(r"^(?P<shard>\d{5})(?P<ext>\.tar|_stats\.json|\.tar\.tmp)$")
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """What every shard needs to know besides its own range; fixes the output bytes."""
+
+    seed: int
+    size: int
+    shard_size: int
+    captions_per_image: int
+    held_out: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,13 @@ class ShardJob:
 
     out_dir: Path
     split: str
-    shard: int
     start: int
     stop: int
-    seed: int
-    size: int
-    captions_per_image: int
-    held_out: tuple[tuple[str, str], ...]
+    settings: SynthSettings
+
+    @property
+    def shard(self) -> int:
+        return self.start // self.settings.shard_size
 
     @property
     def name(self) -> str:
@@ -75,60 +86,36 @@ def write_dataset(
     counts = {"train": n_train, "val": n_val, "test": n_test}
     _check_args(seed, counts, size, shard_size, captions_per_image, workers)
     out = Path(out_dir)
-    held_out = world.held_out_pairs(seed)
-    jobs = plan_shards(out, counts, seed, size, shard_size, captions_per_image, held_out)
+    settings = SynthSettings(seed, size, shard_size, captions_per_image, world.held_out_pairs(seed))
+    jobs = [
+        ShardJob(out, split, start, min(start + shard_size, n), settings)
+        for split, n in counts.items()
+        for start in range(0, n, shard_size)
+    ]
     for split in world.SPLITS:
         _prepare_split_dir(out / split, {j.name for j in jobs if j.split == split})
 
     start = time.perf_counter()
-    written = _run_jobs(jobs, workers or os.cpu_count() or 1, progress)
+    _run_jobs(jobs, workers or os.cpu_count() or 1, progress)
     seconds = time.perf_counter() - start
 
     for split in world.SPLITS:
-        sizes = {job.name: n for job, n in written if job.split == split}
-        _write_text(out / split / "sizes.json", json.dumps(sizes, indent=1, sort_keys=True))
-        _write_text(out / split / "nshards.txt", f"{len(sizes)}\n")
-    info = dataset_info(seed, counts, size, shard_size, captions_per_image, held_out)
+        sizes = {j.name: j.stop - j.start for j in jobs if j.split == split}
+        _write_text(out / split / "sizes.json", json.dumps(sizes, indent=1))
+        _write_text(out / split / "nshards.txt", str(len(sizes)))
+    info = dataset_info(settings, counts)
     _write_text(out / "info.json", json.dumps(info, indent=1))
-    total = sum(counts.values())
     return {
         "out_dir": str(out),
         "seed": seed,
         "counts": counts,
         "shards": info["shards"],
         "seconds": round(seconds, 3),
-        "images_per_minute": round(60 * total / max(seconds, 1e-9)),
+        "images_per_minute": round(60 * sum(counts.values()) / max(seconds, 1e-9)),
     }
 
 
-def plan_shards(
-    out: Path,
-    counts: dict[str, int],
-    seed: int,
-    size: int,
-    shard_size: int,
-    captions_per_image: int,
-    held_out: tuple[tuple[str, str], ...],
-) -> list[ShardJob]:
-    """Cut each split into consecutive shards of `shard_size` images (the last may be shorter)."""
-    return [
-        ShardJob(
-            out,
-            split,
-            start // shard_size,
-            start,
-            min(start + shard_size, n),
-            seed,
-            size,
-            captions_per_image,
-            held_out,
-        )
-        for split, n in counts.items()
-        for start in range(0, n, shard_size)
-    ]
-
-
-def write_shard(job: ShardJob) -> tuple[ShardJob, int]:
+def write_shard(job: ShardJob) -> int:
     """Write one shard through a temporary file, so an interrupted run leaves no truncated tar."""
     path = job.out_dir / job.split / job.name
     tmp = path.with_name(path.name + ".tmp")
@@ -146,24 +133,25 @@ def write_shard(job: ShardJob) -> tuple[ShardJob, int]:
         "status_dict": {"success": n},
     }
     _write_text(path.with_name(f"{job.shard:05d}_stats.json"), json.dumps(stats, indent=1))
-    return job, n
+    return n
 
 
 def make_sample(job: ShardJob, index: int) -> dict[str, str | bytes]:
     """The sample for image `index` of `job.split`: key, JPEG, captions and metadata."""
     # Separate streams for layout, pixels and text: changing the caption count leaves images alone.
-    entropy = np.random.SeedSequence([job.seed, _SPLIT_ID[job.split], index])
+    cfg = job.settings
+    entropy = np.random.SeedSequence([cfg.seed, _SPLIT_ID[job.split], index])
     scene_rng, pixel_rng, text_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
     spec = world.sample_scene(
-        scene_rng, held_out=job.held_out, require_held_out=job.split == "test"
+        scene_rng, held_out=cfg.held_out, require_held_out=job.split == "test"
     )
-    image = render_scene(spec.to_scene(pixel_rng), job.size, pixel_rng)
+    image = render_scene(spec.to_scene(pixel_rng), cfg.size, pixel_rng)
     jpeg = io.BytesIO()
     # 4:4:4 chroma: the default 4:2:0 smears the colour of a 12 px object into its background.
     image.save(jpeg, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-    captions = make_captions(spec, job.captions_per_image, text_rng)
+    captions = make_captions(spec, cfg.captions_per_image, text_rng)
     key = f"{index:09d}"
-    meta = sample_metadata(spec, key, job.split, job.size, len(captions), job.held_out)
+    meta = sample_metadata(spec, key, job.split, cfg.size, len(captions), cfg.held_out)
     return {
         "__key__": key,
         "jpg": jpeg.getvalue(),
@@ -205,23 +193,16 @@ def sample_metadata(
     }
 
 
-def dataset_info(
-    seed: int,
-    counts: dict[str, int],
-    size: int,
-    shard_size: int,
-    captions_per_image: int,
-    held_out: tuple[tuple[str, str], ...],
-) -> dict:
+def dataset_info(settings: SynthSettings, counts: dict[str, int]) -> dict:
     """Contents of `OUT_DIR/info.json`: everything needed to regenerate or interpret the data."""
     return {
         "name": "vlpt-synthetic",
-        "seed": seed,
-        "image_size": size,
-        "shard_size": shard_size,
-        "captions_per_image": captions_per_image,
+        "seed": settings.seed,
+        "image_size": settings.size,
+        "shard_size": settings.shard_size,
+        "captions_per_image": settings.captions_per_image,
         "counts": counts,
-        "shards": {split: -(-n // shard_size) for split, n in counts.items()},
+        "shards": {split: -(-n // settings.shard_size) for split, n in counts.items()},
         "vocab": {
             "shapes": list(world.SHAPES),
             "colours": list(world.COLOURS),
@@ -230,37 +211,31 @@ def dataset_info(
             "backgrounds": list(world.BACKGROUNDS),
             "relations": list(world.RELATIONS),
         },
-        "held_out_pairs": [{"colour": c, "shape": s} for c, s in held_out],
+        "held_out_pairs": [{"colour": c, "shape": s} for c, s in settings.held_out],
     }
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> list[tuple[ShardJob, int]]:
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> None:
     """Write all shards, in a process pool when more than one worker is useful."""
     total = sum(job.stop - job.start for job in jobs)
-    bar = tqdm(total=total, unit="img", desc="vlpt data synth", disable=not progress)
-    workers = min(workers, len(jobs))
-    results = []
-    if workers <= 1:
-        for job in jobs:
-            results.append(write_shard(job))
-            bar.update(job.stop - job.start)
-    else:
+    with tqdm(total=total, unit="img", desc="vlpt data synth", disable=not progress) as bar:
+        if min(workers, len(jobs)) <= 1:
+            for job in jobs:
+                bar.update(write_shard(job))
+            return
         # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would copy mid-lock.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for job, n in pool.imap_unordered(write_shard, jobs):
-                results.append((job, n))
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for n in pool.imap_unordered(write_shard, jobs):
                 bar.update(n)
-    bar.close()
-    return sorted(results, key=lambda r: (r[0].split, r[0].shard))
 
 
 def _prepare_split_dir(split_dir: Path, keep: set[str]) -> None:
-    """Create `split_dir` and delete shards of an earlier, larger run that this run won't
-    overwrite: a loader globbing the folder would otherwise mix them in."""
+    """Create `split_dir`; delete leftovers of an interrupted run and shards of an earlier,
+    larger run that this one will not overwrite (a loader globbing the folder would read them)."""
     split_dir.mkdir(parents=True, exist_ok=True)
     for path in split_dir.iterdir():
-        tar_name = path.name.replace("_stats.json", ".tar").removesuffix(".tmp")
-        if _SHARD_FILE.match(path.name) and (tar_name not in keep or path.suffix == ".tmp"):
+        match = _SHARD_FILE.match(path.name)
+        if match and (match["ext"] == ".tar.tmp" or f"{match['shard']}.tar" not in keep):
             path.unlink()
 
 

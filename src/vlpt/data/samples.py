@@ -1,0 +1,168 @@
+"""One sample of a shard, from raw bytes to something the batcher can use, and why samples are skipped.
+
+A raw sample is what `vlpt.data.shards.read_shard` yields: the files that share a key in a tar
+shard, as `{"__key__": str, "__url__": str, "<ext>": bytes, ...}`. `parse_sample` checks it
+cheaply (fields, caption text, image header) and returns a `Sample` whose image is opened but not
+yet decoded, so a shuffle buffer holds compressed bytes, not pixels. Decoding happens later, once,
+in `decode_pixels`. Nothing here raises on bad data: every rejected sample is counted in a
+`SkipCounter` under a `SkipReason`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+"""File extensions of the media file of an image sample, in order of preference."""
+
+
+class SkipReason(str, Enum):
+    """Why a sample (or a whole shard) was not used. The value is the name shown in reports."""
+
+    MISSING_IMAGE = "missing_image"
+    """The sample has no jpg/jpeg/png/webp file."""
+    EMPTY_FILE = "empty_file"
+    """The image or caption file has zero bytes."""
+    UNDECODABLE_IMAGE = "undecodable_image"
+    """The image file is not an image PIL can read, or its data is truncated."""
+    IMAGE_TOO_LARGE = "image_too_large"
+    """Width * height (read from the header) exceeds `max_image_pixels`: a decompression bomb."""
+    MISSING_CAPTION = "missing_caption"
+    """The sample has no txt file."""
+    EMPTY_CAPTION = "empty_caption"
+    """The txt file holds only whitespace."""
+    BAD_UTF8 = "bad_utf8"
+    """The txt file is not valid UTF-8."""
+    TRUNCATED_TAR = "truncated_tar"
+    """The shard ends in the middle of a file or without its end-of-archive marker (counted once
+    per shard; the samples before the cut are used)."""
+    EMPTY_SHARD = "empty_shard"
+    """The shard holds no sample at all."""
+    UNREADABLE_SHARD = "unreadable_shard"
+    """The shard cannot be opened (missing file, HTTP error, failing pipe) or is not a tar."""
+
+
+class SkipCounter(Counter):
+    """Counts of skipped samples (and shards) by reason name: `{"bad_utf8": 2, ...}`."""
+
+    def add(self, reason: SkipReason, n: int = 1) -> None:
+        """Count `n` more skips for `reason`."""
+        self[reason.value] += n
+
+    def take(self) -> dict[str, int]:
+        """The counts so far as a plain dict, and reset to zero (one batch's worth of skips)."""
+        counts = dict(self)
+        self.clear()
+        return counts
+
+    def report(self) -> str:
+        """One line for logs: `skipped 3: bad_utf8=1 undecodable_image=2` or `skipped 0`."""
+        total = sum(self.values())
+        details = " ".join(f"{name}={n}" for name, n in sorted(self.items()) if n)
+        return f"skipped {total}: {details}" if details else "skipped 0"
+
+
+@dataclass(slots=True)
+class Sample:
+    """A sample that passed the cheap checks; its image header is read, its pixels are not."""
+
+    key: str
+    image: Image.Image
+    """Lazily opened PIL image (header parsed, data still compressed)."""
+    captions: list[str]
+    """Non-empty lines of the txt file, stripped."""
+    meta_bytes: bytes | None = None
+    """The raw json file, parsed only when asked (`Sample.meta`)."""
+    source: int = 0
+    """Index of the source the sample came from (set by the caller)."""
+    url: str = ""
+    """The shard the sample was read from."""
+
+    def meta(self) -> dict[str, Any]:
+        """The json metadata as a dict, or `{}` when there is none or it is not a JSON object."""
+        if not self.meta_bytes:
+            return {}
+        try:
+            meta = json.loads(self.meta_bytes)
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+
+def parse_sample(
+    raw: dict[str, Any], *, max_image_pixels: int, skips: SkipCounter, source: int = 0
+) -> Sample | None:
+    """Check a raw sample and open its image lazily; count and return None when it is unusable.
+
+    Checks run cheapest first; the image header is read (PIL's lazy `Image.open`) to reject
+    non-images and decompression bombs before any pixel is decoded.
+    """
+    image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    reason = _problem(image_bytes, raw.get("txt"))
+    if reason is not None:
+        skips.add(reason)
+        return None
+    captions = [line.strip() for line in raw["txt"].decode("utf-8").splitlines()]
+    captions = [c for c in captions if c]
+    image, reason = _open_image(image_bytes, max_image_pixels)
+    if reason is not None:
+        skips.add(reason)
+        return None
+    return Sample(raw["__key__"], image, captions, raw.get("json"), source, raw.get("__url__", ""))
+
+
+def _problem(image_bytes: bytes | None, text: bytes | None) -> SkipReason | None:
+    if image_bytes is None:
+        return SkipReason.MISSING_IMAGE
+    if text is None:
+        return SkipReason.MISSING_CAPTION
+    if not image_bytes or not text:
+        return SkipReason.EMPTY_FILE
+    try:
+        caption = text.decode("utf-8")
+    except UnicodeDecodeError:
+        return SkipReason.BAD_UTF8
+    if not caption.strip():
+        return SkipReason.EMPTY_CAPTION
+    return None
+
+
+def _open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, SkipReason | None]:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return None, SkipReason.IMAGE_TOO_LARGE
+    except Exception:  # PIL raises many types for garbage input; all mean "not an image"
+        return None, SkipReason.UNDECODABLE_IMAGE
+    width, height = image.size
+    if width * height > max_pixels:
+        return None, SkipReason.IMAGE_TOO_LARGE
+    if width < 1 or height < 1:
+        return None, SkipReason.UNDECODABLE_IMAGE
+    return image, None
+
+
+def decode_pixels(
+    sample: Sample,
+    transform: Callable[[Image.Image, random.Random | None], np.ndarray],
+    rng: random.Random | None,
+    skips: SkipCounter,
+) -> np.ndarray | None:
+    """Decode, crop and resize the sample's image -> uint8 (S, S, 3); None (counted) if it fails."""
+    try:
+        return transform(sample.image, rng)
+    except Exception:  # truncated data, corrupt stream: never stop training on one bad image
+        skips.add(SkipReason.UNDECODABLE_IMAGE)
+        return None
+    finally:
+        sample.image.close()

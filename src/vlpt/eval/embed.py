@@ -1,0 +1,103 @@
+"""Embed an evaluation set once: every image, and every caption of every image.
+
+Retrieval and zero-shot classification both start from these embeddings, so the model runs
+over the shards a single time however many metrics are computed from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlpt.config import Source
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class EvalEmbeddings:
+    """Normalised embeddings of an evaluation set, on the device they were computed on (fp32)."""
+
+    image: torch.Tensor  # (N, D)
+    text: torch.Tensor  # (M, D), the captions of all items, item by item
+    text_to_image: torch.Tensor  # (M,) long: the item each caption describes
+    keys: list[str] = field(default_factory=list)  # (N) sample keys
+    meta: list[dict[str, Any]] = field(default_factory=list)  # (N) parsed `.json` metadata
+    skips: dict[str, int] = field(default_factory=dict)  # bad samples skipped, per reason
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module, device: str | torch.device, precision: str) -> Iterator[None]:
+    """eval() + no_grad + bf16 autocast when asked; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
+    try:
+        with torch.no_grad(), autocast:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_captions(
+    model: nn.Module, tokenizer: Tokenizer, captions: Sequence[str], device: str | torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Captions (M >= 1) -> (M, D) fp32 embeddings, tokenised and encoded in batches."""
+    chunks = [
+        model.encode_text(tokenizer(list(captions[i : i + batch_size])).to(device)).float()
+        for i in range(0, len(captions), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def embed_eval_set(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sources: list[Source],
+    *,
+    batch_size: int = 256,
+    max_items: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    with_text: bool = True,
+) -> EvalEmbeddings:
+    """Run `model` over `vlpt.data.iter_eval_batches(sources)`; `with_text=False` skips captions.
+
+    `model` is the bare `VisionLanguageModel` (not a DDP wrapper); `max_items=0` means all items.
+    """
+    from vlpt.data import iter_eval_batches  # the loader pulls in webdataset; import on use
+
+    images, texts, owners, keys, metas, skips = [], [], [], [], [], Counter()
+    batches = iter_eval_batches(
+        sources, image_size=model.image_size, mean=model.image_mean, std=model.image_std,
+        batch_size=batch_size, max_items=max_items,
+    )  # fmt: skip
+    with inference_mode(model, device, precision):
+        for batch in batches:
+            first = len(keys)  # index of this batch's first item
+            images.append(model.encode_image(batch["image"].to(device)).float())  # (B, D)
+            captions = [c for item in batch["captions"] for c in item]
+            if with_text and captions:
+                texts.append(encode_captions(model, tokenizer, captions, device, batch_size))
+                owners += [first + i for i, item in enumerate(batch["captions"]) for _ in item]
+            keys += batch["key"]
+            metas += batch["meta"]
+            skips.update(batch.get("skips", {}))
+    dim = images[0].shape[1] if images else 0
+    return EvalEmbeddings(
+        image=torch.cat(images) if images else torch.empty(0, dim, device=device),
+        text=torch.cat(texts) if texts else torch.empty(0, dim, device=device),
+        text_to_image=torch.tensor(owners, dtype=torch.long, device=device),
+        keys=keys,
+        meta=metas,
+        skips=dict(skips),
+    )
