@@ -94,7 +94,9 @@ def test_ddp_two_ranks_equal_one_process_on_global_batch(tmp_path: Path) -> None
     torch.set_num_threads(1)
     images, tokens = _global_batch()
     for case, make_objective in CASES.items():
-        ref_loss, ref_grads = _step(_model(str(config_path), case), make_objective(), images, tokens)
+        ref_loss, ref_grads = _step(
+            _model(str(config_path), case), make_objective(), images, tokens
+        )
         ranks = [torch.load(tmp_path / f"{case}-{r}.pt", weights_only=True) for r in range(WORLD)]
         # Global CLIP: every rank computes the global loss; the others: the rank mean is.
         mean_loss = torch.stack([r["loss"] for r in ranks]).mean()

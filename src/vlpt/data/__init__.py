@@ -1,0 +1,25 @@
+"""Streaming image-text data from WebDataset shards: sources, decoding, batches, skip counts."""
+
+from vlpt.data.loader import CaptionTokens, TrainLoader, build_train_loader, iter_eval_batches
+from vlpt.data.samples import IMAGE_EXTENSIONS, Sample, SkipCounter, SkipReason, parse_sample
+from vlpt.data.shards import DataSourceError, check_source, expand_urls, read_shard
+from vlpt.data.transforms import EvalTransform, TrainTransform, normalize_batch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CaptionTokens",
+    "DataSourceError",
+    "EvalTransform",
+    "Sample",
+    "SkipCounter",
+    "SkipReason",
+    "TrainLoader",
+    "TrainTransform",
+    "build_train_loader",
+    "check_source",
+    "expand_urls",
+    "iter_eval_batches",
+    "normalize_batch",
+    "parse_sample",
+    "read_shard",
+]

@@ -207,8 +207,8 @@ def _close(stream: Any) -> bool:
 
 
 def shards_for_worker(
-    urls: Sequence[str], *, rank: int, world_size: int, worker: int, num_workers: int, seed: str
-) -> list[str]:
+    urls: Sequence[T], *, rank: int, world_size: int, worker: int, num_workers: int, seed: str
+) -> list[T]:
     """This worker's share of one pass over `urls`: shuffled by `seed` (the same on every rank),
     then dealt round-robin over world_size * num_workers readers, so shares are disjoint."""
     order = list(urls)

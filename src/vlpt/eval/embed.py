@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlpt.config import Source
+from vlpt.data.loader import iter_eval_batches
+from vlpt.models import VisionLanguageModel
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -33,7 +34,9 @@ class EvalEmbeddings:
 
 
 @contextlib.contextmanager
-def inference_mode(model: nn.Module, device: str | torch.device, precision: str) -> Iterator[None]:
+def evaluation_mode(
+    model: VisionLanguageModel, device: str | torch.device, precision: str
+) -> Iterator[None]:
     """eval() + no_grad + bf16 autocast when asked; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
@@ -48,7 +51,10 @@ def inference_mode(model: nn.Module, device: str | torch.device, precision: str)
 
 
 def encode_captions(
-    model: nn.Module, tokenizer: Tokenizer, captions: Sequence[str], device: str | torch.device,
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    captions: Sequence[str],
+    device: str | torch.device,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Captions (M >= 1) -> (M, D) fp32 embeddings, tokenised and encoded in batches."""
@@ -60,7 +66,7 @@ def encode_captions(
 
 
 def embed_eval_set(
-    model: nn.Module,
+    model: VisionLanguageModel,
     tokenizer: Tokenizer,
     sources: list[Source],
     *,
@@ -74,14 +80,21 @@ def embed_eval_set(
 
     `model` is the bare `VisionLanguageModel` (not a DDP wrapper); `max_items=0` means all items.
     """
-    from vlpt.data import iter_eval_batches  # the loader pulls in webdataset; import on use
-
-    images, texts, owners, keys, metas, skips = [], [], [], [], [], Counter()
+    images: list[torch.Tensor] = []  # (B, D) per batch
+    texts: list[torch.Tensor] = []  # (captions in batch, D) per batch
+    owners: list[int] = []
+    keys: list[str] = []
+    metas: list[dict[str, Any]] = []
+    skips: Counter[str] = Counter()
     batches = iter_eval_batches(
-        sources, image_size=model.image_size, mean=model.image_mean, std=model.image_std,
-        batch_size=batch_size, max_items=max_items,
-    )  # fmt: skip
-    with inference_mode(model, device, precision):
+        sources,
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        batch_size=batch_size,
+        max_items=max_items,
+    )
+    with evaluation_mode(model, device, precision):
         for batch in batches:
             first = len(keys)  # index of this batch's first item
             images.append(model.encode_image(batch["image"].to(device)).float())  # (B, D)

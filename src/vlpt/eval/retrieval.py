@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
 from vlpt.config import Source
 from vlpt.eval.embed import Tokenizer, embed_eval_set
+from vlpt.models import VisionLanguageModel
 
 KS = (1, 5, 10)
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once: 16M fp32 = 64 MB
@@ -81,7 +81,7 @@ def retrieval_metrics(
 
 
 def evaluate_retrieval(
-    model: nn.Module,
+    model: VisionLanguageModel,
     tokenizer: Tokenizer,
     sources: list[Source],
     *,
@@ -92,7 +92,12 @@ def evaluate_retrieval(
 ) -> dict[str, float | int]:
     """Embed the evaluation shards with `model` and return `retrieval_metrics` on them."""
     emb = embed_eval_set(
-        model, tokenizer, sources, batch_size=batch_size, max_items=max_items,
-        device=device, precision=precision,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        sources,
+        batch_size=batch_size,
+        max_items=max_items,
+        device=device,
+        precision=precision,
+    )
     return retrieval_metrics(emb.image, emb.text, emb.text_to_image)

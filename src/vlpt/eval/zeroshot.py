@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from torch import nn
 
 from vlpt.config import Source
 from vlpt.data.synthetic import COLOURS, SHAPES
-from vlpt.eval.embed import EvalEmbeddings, Tokenizer, embed_eval_set, inference_mode
+from vlpt.eval.embed import EvalEmbeddings, Tokenizer, embed_eval_set, evaluation_mode
+from vlpt.models import VisionLanguageModel
 
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # task: (vocabulary, templates); templates echo how the synthetic captions phrase things.
@@ -30,7 +30,7 @@ def zeroshot_metrics(
     labels: torch.Tensor,
     classnames: Sequence[str],
     templates: Sequence[str],
-    model: nn.Module,
+    model: VisionLanguageModel,
     tokenizer: Tokenizer,
 ) -> dict[str, float | int]:
     """Top-1 accuracy of normalised image embeddings (N, D) with class labels (N,) -> `top1`, `n`.
@@ -40,7 +40,7 @@ def zeroshot_metrics(
     """
     if len(image_emb) == 0:
         return {"n": 0}
-    with inference_mode(model, image_emb.device, "fp32"):
+    with evaluation_mode(model, image_emb.device, "fp32"):
         weights = build_zero_shot_classifier(
             model, tokenizer, classnames, templates, device=image_emb.device
         )  # (D, C)
@@ -60,14 +60,16 @@ def synthetic_task_labels(
     if task not in TASKS:
         raise ValueError(f"zero-shot task '{task}' is unknown; choose from {', '.join(TASKS)}.")
     vocabulary = list(TASKS[task][0])
-    items = [(i, m["objects"][0][task]) for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
+    items = [
+        (i, m["objects"][0][task]) for i, m in enumerate(metas) if len(m.get("objects", [])) == 1
+    ]
     classnames = vocabulary + sorted({value for _, value in items} - set(vocabulary))
     index = {name: c for c, name in enumerate(classnames)}
     return [i for i, _ in items], [index[value] for _, value in items], classnames
 
 
 def evaluate_zeroshot(
-    model: nn.Module,
+    model: VisionLanguageModel,
     tokenizer: Tokenizer,
     sources: list[Source],
     *,
@@ -83,13 +85,22 @@ def evaluate_zeroshot(
     Pass `embeddings` (from `embed_eval_set`) to reuse an embedding pass; `sources` is then not
     read. `top1` is left out of a task that no item qualifies for (`n` = 0).
     """
+    tasks = [task] if isinstance(task, str) else list(task)
+    for name in tasks:  # fail on a typo before the embedding pass, not after it
+        synthetic_task_labels([], name)
     if embeddings is None:
         embeddings = embed_eval_set(
-            model, tokenizer, sources, batch_size=batch_size, max_items=max_items,
-            device=device, precision=precision, with_text=False,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            sources,
+            batch_size=batch_size,
+            max_items=max_items,
+            device=device,
+            precision=precision,
+            with_text=False,
+        )
     metrics: dict[str, float | int] = {}
-    for name in [task] if isinstance(task, str) else task:
+    for name in tasks:
         rows, labels, classnames = synthetic_task_labels(embeddings.meta, name)
         image_emb = embeddings.image[torch.tensor(rows, dtype=torch.long)]  # (n, D)
         result = zeroshot_metrics(
