@@ -50,22 +50,34 @@ def samples_per_second(batches: Iterable, n_batches: int, warmup: int) -> float:
 def vlpt_batches(pattern: str, args: argparse.Namespace, tokenizer) -> Iterable:
     cfg = DataConfig(train=[pattern], workers=args.workers, crop_scale=(0.9, 1.0), resampled=True)
     return build_train_loader(
-        cfg, image_size=args.image_size, mean=MEAN, std=STD, tokenizer=tokenizer,
+        cfg,
+        image_size=args.image_size,
+        mean=MEAN,
+        std=STD,
+        tokenizer=tokenizer,
         batch_size=args.batch_size,
-    )  # fmt: skip
+    )
 
 
 def open_clip_batches(pattern: str, args: argparse.Namespace, tokenizer) -> Iterable:
     _patch_open_clip_for_webdataset_1()
     options = Namespace(
-        train_data=pattern, val_data=None, dataset_resampled=True, train_num_samples=10**7,
-        train_data_upsampling_factors=None, seed=0, batch_size=args.batch_size,
-        workers=args.workers, world_size=1,
-    )  # fmt: skip
+        train_data=pattern,
+        val_data=None,
+        dataset_resampled=True,
+        train_num_samples=10**7,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        world_size=1,
+    )
     preprocess = open_clip.image_transform(
         args.image_size, is_train=True, mean=MEAN, std=STD, aug_cfg={"scale": (0.9, 1.0)}
     )
-    return open_clip_data.get_wds_dataset(options, preprocess, is_train=True, tokenizer=tokenizer).dataloader
+    return open_clip_data.get_wds_dataset(
+        options, preprocess, is_train=True, tokenizer=tokenizer
+    ).dataloader
 
 
 def _patch_open_clip_for_webdataset_1() -> None:
@@ -97,24 +109,34 @@ def main() -> None:
     tokenizer = open_clip.get_tokenizer("ViT-B-32")  # BPE, context 77, offline
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(
-            tmp, n_train=args.images, n_val=0, n_test=0, size=args.image_size, shard_size=500,
-            workers=2, progress=False,
-        )  # fmt: skip
+            tmp,
+            n_train=args.images,
+            n_val=0,
+            n_test=0,
+            size=args.image_size,
+            shard_size=500,
+            workers=2,
+            progress=False,
+        )
         pattern = str(Path(tmp) / "train")
         oc_pattern = str(Path(tmp) / "train" / f"{{00000..{(args.images - 1) // 500:05d}}}.tar")
         ours = samples_per_second(vlpt_batches(pattern, args, tokenizer), args.batches, args.warmup)
         theirs = samples_per_second(
             open_clip_batches(oc_pattern, args, tokenizer), args.batches, args.warmup
         )
-    print(json.dumps({
-        "bench": "loader",
-        "vlpt_samples_per_s": round(ours),
-        "open_clip_samples_per_s": round(theirs),
-        "ratio": round(ours / theirs, 2),
-        "workers": args.workers,
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "loader",
+                "vlpt_samples_per_s": round(ours),
+                "open_clip_samples_per_s": round(theirs),
+                "ratio": round(ours / theirs, 2),
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "image_size": args.image_size,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ def image_bytes(width: int = 40, height: int = 32, seed: int = 0, fmt: str = "JP
     """A small smooth random image (colour gradient + blobs), encoded as JPEG/PNG/WEBP."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:height, 0:width] / max(width, height)
-    channels = [rng.uniform(0, 255) + rng.uniform(-120, 120) * (xs * a + ys * (1 - a)) for a in rng.uniform(0, 1, 3)]
+    channels = [
+        rng.uniform(0, 255) + rng.uniform(-120, 120) * (xs * a + ys * (1 - a))
+        for a in rng.uniform(0, 1, 3)
+    ]
     pixels = np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
@@ -44,13 +47,26 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     no data: PIL's Image.open raises DecompressionBombError from the header alone."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-def sample(key: str, caption: str | bytes | None = "0 0 0", image: bytes | None = None, ext: str = "jpg", meta: dict | None = None) -> dict:
+def sample(
+    key: str,
+    caption: str | bytes | None = "0 0 0",
+    image: bytes | None = None,
+    ext: str = "jpg",
+    meta: dict | None = None,
+) -> dict:
     """One sample as {"__key__", ext: bytes}; `caption=None` / `image=None` leave the file out,
     `image` defaults to a fresh JPEG."""
     files: dict = {"__key__": key}
@@ -76,13 +92,20 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return path
 
 
-def write_dataset(folder: Path, *, n_shards: int = 2, per_shard: int = 8, source: int = 0) -> list[Path]:
+def write_dataset(
+    folder: Path, *, n_shards: int = 2, per_shard: int = 8, source: int = 0
+) -> list[Path]:
     """img2dataset-style shards: `{shard:05d}.tar`, keys `%09d`, `.jpg/.txt/.json`, plus the
     `.parquet` and `_stats.json` side files img2dataset writes next to each tar."""
     paths = []
     for s in range(n_shards):
         samples = [
-            sample(f"{s * per_shard + i:09d}", f"{source} {s} {i}", image_bytes(seed=1000 * source + 100 * s + i), meta={"shard": s, "item": i})
+            sample(
+                f"{s * per_shard + i:09d}",
+                f"{source} {s} {i}",
+                image_bytes(seed=1000 * source + 100 * s + i),
+                meta={"shard": s, "item": i},
+            )
             for i in range(per_shard)
         ]
         paths.append(write_shard(folder / f"{s:05d}.tar", samples))
@@ -92,18 +115,22 @@ def write_dataset(folder: Path, *, n_shards: int = 2, per_shard: int = 8, source
 
 
 class IdTokenizer:
-    """Test tokenizer: `"a b c"` -> row [a, b, c, 0, ...]; lets a test read sample ids back."""
+    """Test tokenizer: `"a b c"` -> row [START, a, b, c, END, 0, ...] (0 pads, like open_clip's
+    tokenizer); lets a test read sample ids back from a batch."""
 
     context_length = 8
+    start, end = 1000, 1001
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [int(word) for word in text.split()][: self.context_length]
+            ids = [self.start, *(int(word) for word in text.split()), self.end][
+                : self.context_length
+            ]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 
 
 def sample_ids(batch: dict) -> list[tuple[int, int, int]]:
     """(source, shard, item) of every sample of a training batch tokenised by IdTokenizer."""
-    return [tuple(row[:3]) for row in batch["text"].tolist()]
+    return [tuple(row[1:4]) for row in batch["text"].tolist()]

@@ -65,8 +65,9 @@ def build_train_loader(
     seed: int = 0,
 ) -> Iterable[dict[str, Any]]:
     """The training batches of one rank: `{"image": float32 (B, 3, S, S) normalised,
-    "text": long (B, L), "skips": {reason: n}}`, `skips` counting what the producing worker
-    skipped since its previous batch.
+    "text": long (B, L), "skips": {reason: n}}`. `text` is cut to the longest caption of the
+    batch (L <= the tokenizer's context length, padded with 0); `skips` counts what the producing
+    worker skipped since its previous batch.
 
     Infinite when `cfg.resampled` (shards drawn with replacement, sources mixed by
     `Source.weight`); otherwise one pass over all shards, split across ranks and workers, with
@@ -75,7 +76,9 @@ def build_train_loader(
     matches no file, and while iterating when a source yields no usable sample at all.
     """
     if not cfg.train:
-        raise DataSourceError("no training source is configured; set data.train to a shard pattern.")
+        raise DataSourceError(
+            "no training source is configured; set data.train to a shard pattern."
+        )
     stream = TrainStream(
         cfg,
         [expand_urls(source.url) for source in cfg.train],
@@ -95,16 +98,19 @@ def build_train_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
-    return TrainLoader(dataloader, cfg.train, cfg.resampled)
+    return TrainLoader(dataloader, cfg.train, resampled=cfg.resampled, batch_size=batch_size)
 
 
 class TrainLoader:
     """Iterates the DataLoader, turning worker failures into one-sentence `DataSourceError`s."""
 
-    def __init__(self, dataloader: DataLoader, sources: Sequence[Source], resampled: bool) -> None:
+    def __init__(
+        self, dataloader: DataLoader, sources: Sequence[Source], *, resampled: bool, batch_size: int
+    ) -> None:
         self.dataloader = dataloader
         self.sources = list(sources)
         self.resampled = resampled
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n_batches = 0
@@ -113,12 +119,15 @@ class TrainLoader:
                 n_batches += 1
                 yield batch
         except DataSourceError as e:
+            # Drop the traceback: its frames hold the DataLoader iterator in a reference cycle,
+            # and workers shut down by a later garbage collection stall for 5 s.
+            e.__traceback__ = None
             raise DataSourceError(_original_message(e)) from None
         if n_batches == 0:
             names = ", ".join(f"'{s.url}'" for s in self.sources)
             raise DataSourceError(
                 f"the training sources {names} gave no full batch of "
-                f"{self.dataloader.dataset.batch_size} samples; check the skip counts and paths."
+                f"{self.batch_size} samples; check the skip counts and paths."
             )
 
 
@@ -161,36 +170,48 @@ class TrainStream(IterableDataset):
         key = f"{self.cfg.seed}/{self.seed}/{self.rank}/{worker}"
         skips = SkipCounter()
         buffer = self.cfg.shuffle_buffer
-        collate = partial(
-            _collate_train, tokens=CaptionTokens(self.tokenizer, CAPTION_CACHE_SIZE), mean=self.mean, std=self.std,
+        shuffle = wds.shuffle(bufsize=buffer, initial=max(1, buffer // 4), rng=_rng(key, "shuffle"))
+        decode = partial(
+            _decode_train,
+            transform=self.transform,
+            rng=_rng(key, "crop"),
             skips=skips,
-        )  # fmt: skip
+            sources=self.cfg.train,
+        )
+        tokens = CaptionTokens(self.tokenizer, CAPTION_CACHE_SIZE)
+        collate = partial(_collate_train, tokens=tokens, mean=self.mean, std=self.std, skips=skips)
         pipeline = wds.DataPipeline(
             partial(self._samples, key, worker, num_workers, skips),
-            wds.shuffle(bufsize=buffer, initial=max(1, buffer // 4), rng=_rng(key, "shuffle"))
-            if buffer > 1
-            else None,
-            partial(
-                _decode_train, transform=self.transform, rng=_rng(key, "crop"), skips=skips,
-                sources=self.cfg.train,
-            ),  # fmt: skip
+            shuffle if buffer > 1 else None,
+            decode,
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )
         return iter(pipeline)
 
-    def _samples(self, key: str, worker: int, num_workers: int, skips: SkipCounter) -> Iterator[Sample]:
+    def _samples(
+        self, key: str, worker: int, num_workers: int, skips: SkipCounter
+    ) -> Iterator[Sample]:
         sources = self.cfg.train
         if self.cfg.resampled:
             streams = [
-                resampled(source, urls, _rng(key, f"shards/{i}"), partial(self._read, source=i, skips=skips))
+                resampled(
+                    source,
+                    urls,
+                    _rng(key, f"shards/{i}"),
+                    partial(self._read, source=i, skips=skips),
+                )
                 for i, (source, urls) in enumerate(zip(sources, self.shard_urls))
             ]
             return mix_by_weight(streams, [s.weight for s in sources], _rng(key, "mix"))
         every_shard = [(i, url) for i, urls in enumerate(self.shard_urls) for url in urls]
         mine = shards_for_worker(
-            every_shard, rank=self.rank, world_size=self.world_size, worker=worker,
-            num_workers=num_workers, seed=f"{self.cfg.seed}/{self.seed}/shard-order",
-        )  # fmt: skip
+            every_shard,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            seed=f"{self.cfg.seed}/{self.seed}/shard-order",  # the same on every rank
+        )
         return (sample for i, url in mine for sample in self._read(url, source=i, skips=skips))
 
     def _read(self, url: str, *, source: int, skips: SkipCounter) -> Iterator[Sample]:
@@ -216,7 +237,10 @@ def _decode_train(
         pixels = decode_pixels(sample, transform, rng, skips)
         if pixels is None:
             failed[sample.source] += 1
-            if not decoded[sample.source] and failed[sample.source] >= MAX_UNDECODABLE_BEFORE_FIRST_IMAGE:
+            if (
+                not decoded[sample.source]
+                and failed[sample.source] >= MAX_UNDECODABLE_BEFORE_FIRST_IMAGE
+            ):
                 raise DataSourceError(
                     f"source '{sources[sample.source].url}' yields no usable sample: its first "
                     f"{failed[sample.source]} images could not be decoded."
@@ -255,7 +279,7 @@ class CaptionTokens:
         self.rows: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        """list of B captions -> LongTensor (B, L)."""
+        """list of B captions -> LongTensor (B, L), L the longest caption of the batch."""
         found: dict[str, torch.Tensor] = {}
         for caption in captions:
             row = self.rows.get(caption)
@@ -265,10 +289,18 @@ class CaptionTokens:
         missing = [c for c in dict.fromkeys(captions) if c not in found]
         if missing:
             for caption, row in zip(missing, self.tokenizer(missing)):
+                row = row[: _unpadded_length(row)]
                 found[caption] = self.rows[caption] = row.clone()  # clone: don't pin the batch
             while len(self.rows) > self.max_size:
                 self.rows.popitem(last=False)
-        return torch.stack([found[c] for c in captions])
+        # Pad to the longest caption of this batch only: the text tower's cost grows with L.
+        return torch.nn.utils.rnn.pad_sequence([found[c] for c in captions], batch_first=True)
+
+
+def _unpadded_length(row: torch.Tensor) -> int:
+    """Length of a token row without its trailing padding (pad id 0), at least 1."""
+    nonzero = row.nonzero()
+    return int(nonzero[-1]) + 1 if len(nonzero) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +337,9 @@ def _eval_items(
         for url in expand_urls(source.url):
             for raw in read_shard(url, skips):
                 sample = parse_sample(raw, max_image_pixels=max_image_pixels, skips=skips)
-                pixels = None if sample is None else decode_pixels(sample, transform, None, skips)
+                if sample is None:
+                    continue
+                pixels = decode_pixels(sample, transform, None, skips)
                 if pixels is not None:
                     n_items += 1
                     yield pixels, sample

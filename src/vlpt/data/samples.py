@@ -107,49 +107,55 @@ def parse_sample(
     Checks run cheapest first; the image header is read (PIL's lazy `Image.open`) to reject
     non-images and decompression bombs before any pixel is decoded.
     """
-    image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    reason = _problem(image_bytes, raw.get("txt"))
-    if reason is not None:
-        skips.add(reason)
+    checked = _check(raw, max_image_pixels)
+    if isinstance(checked, SkipReason):
+        skips.add(checked)
         return None
-    captions = [line.strip() for line in raw["txt"].decode("utf-8").splitlines()]
-    captions = [c for c in captions if c]
-    image, reason = _open_image(image_bytes, max_image_pixels)
-    if reason is not None:
-        skips.add(reason)
-        return None
+    image, captions = checked
     return Sample(raw["__key__"], image, captions, raw.get("json"), source, raw.get("__url__", ""))
 
 
-def _problem(image_bytes: bytes | None, text: bytes | None) -> SkipReason | None:
+def _check(raw: dict[str, Any], max_pixels: int) -> tuple[Image.Image, list[str]] | SkipReason:
+    """The lazily opened image and the captions of a raw sample, or why it is unusable."""
+    image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         return SkipReason.MISSING_IMAGE
+    captions = _captions(raw.get("txt"))
+    if isinstance(captions, SkipReason):
+        return captions
+    if not image_bytes:
+        return SkipReason.EMPTY_FILE
+    image = _open_image(image_bytes, max_pixels)
+    return image if isinstance(image, SkipReason) else (image, captions)
+
+
+def _captions(text: bytes | None) -> list[str] | SkipReason:
+    """Non-empty stripped lines of the txt file, or why there are none."""
     if text is None:
         return SkipReason.MISSING_CAPTION
-    if not image_bytes or not text:
+    if not text:
         return SkipReason.EMPTY_FILE
     try:
-        caption = text.decode("utf-8")
+        lines = text.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         return SkipReason.BAD_UTF8
-    if not caption.strip():
-        return SkipReason.EMPTY_CAPTION
-    return None
+    captions = [line.strip() for line in lines if line.strip()]
+    return captions or SkipReason.EMPTY_CAPTION
 
 
-def _open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, SkipReason | None]:
+def _open_image(data: bytes, max_pixels: int) -> Image.Image | SkipReason:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        return None, SkipReason.IMAGE_TOO_LARGE
+        return SkipReason.IMAGE_TOO_LARGE
     except Exception:  # PIL raises many types for garbage input; all mean "not an image"
-        return None, SkipReason.UNDECODABLE_IMAGE
+        return SkipReason.UNDECODABLE_IMAGE
     width, height = image.size
     if width * height > max_pixels:
-        return None, SkipReason.IMAGE_TOO_LARGE
+        return SkipReason.IMAGE_TOO_LARGE
     if width < 1 or height < 1:
-        return None, SkipReason.UNDECODABLE_IMAGE
-    return image, None
+        return SkipReason.UNDECODABLE_IMAGE
+    return image
 
 
 def decode_pixels(

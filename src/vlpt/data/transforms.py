@@ -123,6 +123,8 @@ def normalize_batch(
     pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) holding (x / 255 - mean) / std."""
+    if not pixels.flags.writeable:  # torch warns about read-only arrays (e.g. from PIL)
+        pixels = pixels.copy()
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (B, 3, H, W) view, channels-last
     out = torch.empty(images.shape, dtype=torch.float32)  # contiguous NCHW
     out.copy_(images)  # one pass: uint8 -> float and NHWC -> NCHW together

@@ -1,4 +1,4 @@
-"""Evaluation of a run's model on its val / test sources (retrieval + zero-shot)."""
+"""Evaluation of a run's model on its val / test sources (retrieval + zero-shot, one embedding pass)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from vlpt.config import RunConfig
-from vlpt.eval import evaluate_retrieval, evaluate_zeroshot
+from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics
 
 
 def evaluate_run(model, tokenizer, cfg: RunConfig, device: torch.device, splits: tuple[str, ...] = ("val",)) -> dict[str, Any]:
@@ -17,9 +17,12 @@ def evaluate_run(model, tokenizer, cfg: RunConfig, device: torch.device, splits:
         sources = getattr(cfg.data, split)
         if not sources:
             continue
-        common = dict(batch_size=cfg.eval.batch_size, max_items=cfg.eval.max_items, device=device, precision=cfg.train.precision)
-        metrics = evaluate_retrieval(model, tokenizer, sources, **common)
-        for task in cfg.eval.zeroshot:
-            metrics.update(evaluate_zeroshot(model, tokenizer, sources, task=task, **common))
+        emb = embed_eval_set(
+            model, tokenizer, sources,
+            batch_size=cfg.eval.batch_size, max_items=cfg.eval.max_items, device=device, precision=cfg.train.precision,
+        )
+        metrics = retrieval_metrics(emb.image, emb.text, emb.text_to_image)
+        if cfg.eval.zeroshot:
+            metrics.update(evaluate_zeroshot(model, tokenizer, sources, task=tuple(cfg.eval.zeroshot), embeddings=emb))
         results.update({f"{split}/{k}": v for k, v in metrics.items()})
     return results
