@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from vlpt.config import RunConfig, dump_config
@@ -44,10 +45,27 @@ class TrainState:
         return {"step": self.step, "samples": self.samples, "train_seconds": self.train_seconds, "skips": dict(self.skips)}
 
 
-def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and CUDA (never fp16 on CPU: it is ~50x slower there)."""
-    enabled = cfg.train.precision == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def compute_context(cfg: RunConfig, device: torch.device) -> contextlib.ExitStack:
+    """bf16 autocast on CPU and CUDA (never fp16 on CPU: it is ~50x slower there), with the
+    attention kernel that `train.attention` picks."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"))
+    backends = attention_backends(cfg.train.attention, device)
+    if backends:
+        stack.enter_context(sdpa_kernel(backends))
+    return stack
+
+
+def attention_backends(choice: str, device: torch.device) -> list[SDPBackend]:
+    """SDPA backends for a `train.attention` value ([] = leave torch's choice alone).
+
+    On CPU the flash kernel's backward is ~3x slower than plain matmul + softmax for the short
+    sequences of a ViT (65 tokens) or a caption (~25), measured in benchmarks/attention_kernels.py.
+    """
+    if choice == "auto":
+        return [SDPBackend.MATH] if device.type == "cpu" else []
+    named = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return [named[choice]] if choice in named else []
 
 
 def train_step(
@@ -68,7 +86,7 @@ def train_step(
         # Gradients are all-reduced only on the last micro-batch of the step.
         sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(cfg, device):
+            with compute_context(cfg, device):
                 outputs = model(images, tokens)
             # Losses in fp32: similarities of normalised bf16 features lose the fine margins.
             outputs = {k: v.float() for k, v in outputs.items()}
