@@ -523,6 +523,8 @@ def main() -> None:
                 f"data.val={VAL}",
                 f"train.max_minutes={args.minutes}",
                 f"train.eval_every={args.eval_every}",
+                # a metrics line (with `minutes`) at every evaluation step
+                f"train.log_every={math.gcd(10, args.eval_every)}",
                 f"eval.max_items={args.eval_items}",
                 *args.vlpt_set,
             ]

@@ -21,7 +21,17 @@ def synth_world(tmp_path_factory) -> Path:
     from vlpt.data.synthetic import write_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(out, seed=0, n_train=600, n_val=100, n_test=100, size=32, shard_size=200, workers=1, progress=False)
+    write_dataset(
+        out,
+        seed=0,
+        n_train=600,
+        n_val=100,
+        n_test=100,
+        size=32,
+        shard_size=200,
+        workers=1,
+        progress=False,
+    )
     return out
 
 

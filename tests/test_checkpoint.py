@@ -25,7 +25,9 @@ def _setup():
 
 def test_save_load_round_trip(tmp_path):
     cfg, model, opt = _setup()
-    path = ckpt.save_checkpoint(tmp_path, 7, model, opt, {"step": 7, "samples": 14}, dump_config(cfg))
+    path = ckpt.save_checkpoint(
+        tmp_path, 7, model, opt, {"step": 7, "samples": 14}, dump_config(cfg)
+    )
     assert path.name == "step_00000007"
     assert sorted(p.name for p in path.iterdir()) == sorted(ckpt.REQUIRED_FILES)
 
@@ -35,14 +37,18 @@ def test_save_load_round_trip(tmp_path):
     assert state["step"] == 7
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"]
+    )
     assert json.loads((path / "version.json").read_text())["vlpt"]
 
 
 def test_rng_state_is_restored(tmp_path):
     cfg, model, opt = _setup()
     torch.manual_seed(5)
-    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {"step": 1, "samples": 0}, dump_config(cfg))
+    path = ckpt.save_checkpoint(
+        tmp_path, 1, model, opt, {"step": 1, "samples": 0}, dump_config(cfg)
+    )
     after_save = torch.rand(4)
     torch.manual_seed(999)
     ckpt.load_checkpoint(path, model, opt)
@@ -52,13 +58,17 @@ def test_rng_state_is_restored(tmp_path):
 def test_keeps_only_recent(tmp_path):
     cfg, model, opt = _setup()
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, step, model, opt, {"step": step, "samples": 0}, dump_config(cfg), keep=2)
+        ckpt.save_checkpoint(
+            tmp_path, step, model, opt, {"step": step, "samples": 0}, dump_config(cfg), keep=2
+        )
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
 
 
 def test_resume_skips_cut_off_folders(tmp_path, capsys):
     cfg, model, opt = _setup()
-    good = ckpt.save_checkpoint(tmp_path, 10, model, opt, {"step": 10, "samples": 0}, dump_config(cfg))
+    good = ckpt.save_checkpoint(
+        tmp_path, 10, model, opt, {"step": 10, "samples": 0}, dump_config(cfg)
+    )
     # A kill mid-write leaves a temp folder...
     (tmp_path / ".tmp-step_00000020-abc").mkdir()
     # ...and a folder copied by hand may be cut off: truncated weights, missing files.
@@ -82,7 +92,9 @@ def test_resume_skips_cut_off_folders(tmp_path, capsys):
 
 def test_load_trained_model_from_run_folder(tmp_path):
     cfg, model, opt = _setup()
-    ckpt.save_checkpoint(tmp_path / "checkpoints", 3, model, opt, {"step": 3, "samples": 0}, dump_config(cfg))
+    ckpt.save_checkpoint(
+        tmp_path / "checkpoints", 3, model, opt, {"step": 3, "samples": 0}, dump_config(cfg)
+    )
     loaded, loaded_cfg = ckpt.load_trained_model(tmp_path)
     assert loaded_cfg.model.name == "tiny"
     assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight)
@@ -91,7 +103,9 @@ def test_load_trained_model_from_run_folder(tmp_path):
 
 
 def test_schedule_warmup_then_cosine():
-    cfg = RunConfig().train.model_copy(update={"max_steps": 100, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1})
+    cfg = RunConfig().train.model_copy(
+        update={"max_steps": 100, "warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.1}
+    )
     lrs = lr_schedule(cfg)
     assert len(lrs) == 100
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

@@ -17,7 +17,15 @@ def test_every_shipped_pretrain_config_loads(path):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(None, ["train.batch_size=64", "model.name=small", "data.train=/x/{0..3}.tar", "train.betas=[0.9, 0.95]"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_size=64",
+            "model.name=small",
+            "data.train=/x/{0..3}.tar",
+            "train.betas=[0.9, 0.95]",
+        ],
+    )
     assert cfg.train.batch_size == 64
     assert cfg.model.name == "small"
     assert cfg.data.train[0].url == "/x/{0..3}.tar" and cfg.data.train[0].weight == 1.0
@@ -32,7 +40,10 @@ def test_sources_with_weights(tmp_path):
 
 
 def test_unknown_key_names_it_and_suggests():
-    with pytest.raises(ConfigError, match=r"'train.batch_sise' does not exist \(did you mean 'train.batch_size'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.batch_sise' does not exist \(did you mean 'train.batch_size'\?\)",
+    ):
         load_config(None, ["train.batch_sise=3"])
 
 

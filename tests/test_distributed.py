@@ -85,7 +85,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_ranks_equal_one_process_on_global_batch(tmp_path: Path) -> None:
     config_path = tmp_path / "tiny-test.json"
     config_path.write_text(json.dumps(TINY))

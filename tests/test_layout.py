@@ -31,12 +31,16 @@ def test_cli_subcommands_are_stable():
 
 def test_user_errors_are_one_sentence(tmp_path):
     vlpt = Path(sys.executable).parent / "vlpt"
-    result = subprocess.run([str(vlpt), "pretrain", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(vlpt), "pretrain", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("vlpt: error: config file")
     assert "Traceback" not in result.stderr
     result = subprocess.run(
-        [str(vlpt), "pretrain", str(ROOT / "configs/pretrain/synthetic-tiny.yaml"), "train.nope=1"], capture_output=True, text=True
+        [str(vlpt), "pretrain", str(ROOT / "configs/pretrain/synthetic-tiny.yaml"), "train.nope=1"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "'train.nope' does not exist" in result.stderr
 

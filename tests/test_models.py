@@ -7,7 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlpt.models import UnknownModelError, WeightsError, build_model, get_model_config, get_tokenizer, list_models
+from vlpt.models import (
+    UnknownModelError,
+    WeightsError,
+    build_model,
+    get_model_config,
+    get_tokenizer,
+    list_models,
+)
 
 
 def test_registry_has_the_documented_sizes():
@@ -49,14 +56,23 @@ def test_parity_with_open_clip_towers():
     missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
     assert unexpected == [] and missing == ["logit_bias"]
     tok = get_tokenizer("tiny")
-    tokens = tok(["a small red circle at the top left", "a large blue square below a tiny green star", "x"])
-    full = tok(["a small red circle at the top left", "a large blue square below a tiny green star", "x"], pad_to_context=True)
+    tokens = tok(
+        ["a small red circle at the top left", "a large blue square below a tiny green star", "x"]
+    )
+    full = tok(
+        ["a small red circle at the top left", "a large blue square below a tiny green star", "x"],
+        pad_to_context=True,
+    )
     assert tokens.shape[1] < full.shape[1]
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images, normalize=True))
+        torch.testing.assert_close(
+            model.encode_image(images), ref.encode_image(images, normalize=True)
+        )
         # vlpt trims padding before the text tower; the result must not change.
-        torch.testing.assert_close(model.encode_text(tokens), ref.encode_text(full, normalize=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.encode_text(tokens), ref.encode_text(full, normalize=True), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_tokenizer_matches_open_clip():
@@ -71,16 +87,23 @@ def test_tokenizer_matches_open_clip():
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_loads_open_clip_checkpoint_files(tmp_path, fmt):
     torch.manual_seed(1)
-    ref = open_clip.model.CLIP(**{k: v for k, v in get_model_config("tiny").items() if k != "description"})
+    ref = open_clip.model.CLIP(
+        **{k: v for k, v in get_model_config("tiny").items() if k != "description"}
+    )
     path = tmp_path / f"ckpt.{fmt}"
     if fmt == "pt":  # the layout open_clip's trainer writes
-        torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+        torch.save(
+            {"epoch": 1, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}},
+            path,
+        )
     else:
         save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     model = build_model("tiny", pretrained=str(path)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), ref.eval().encode_image(images, normalize=True))
+        torch.testing.assert_close(
+            model.encode_image(images), ref.eval().encode_image(images, normalize=True)
+        )
 
 
 def test_bad_weight_files_are_clear_errors(tmp_path):

@@ -22,9 +22,25 @@ def _metrics(out: Path) -> list[dict]:
 
 def test_pretrain_learns_and_reports(synth_world, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["pretrain", CONFIG, *run_overrides(synth_world, out, "train.max_steps=150", "train.batch_size=64", "train.log_every=5", "train.ckpt_every=75", "train.lr=3e-3")])
+    code = main(
+        [
+            "pretrain",
+            CONFIG,
+            *run_overrides(
+                synth_world,
+                out,
+                "train.max_steps=150",
+                "train.batch_size=64",
+                "train.log_every=5",
+                "train.ckpt_every=75",
+                "train.lr=3e-3",
+            ),
+        ]
+    )
     assert code == 0
-    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # contract: last line is JSON
+    final = json.loads(
+        capsys.readouterr().out.strip().splitlines()[-1]
+    )  # contract: last line is JSON
     assert final["step"] == 150 and final["samples"] == 150 * 64
     assert {"val/t2i_r1", "val/i2t_r10", "test/t2i_r1", "val/n_items"} <= set(final)
     assert final["val/n_items"] == 100
@@ -32,21 +48,42 @@ def test_pretrain_learns_and_reports(synth_world, tmp_path, capsys):
     assert final["val/t2i_r10"] > 0.3, final
     losses = [m["loss"] for m in _metrics(out) if "loss" in m]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000075", "step_00000150"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000075",
+        "step_00000150",
+    ]
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
 
 
 def test_dry_run_prints_the_plan(synth_world, tmp_path, capsys):
-    assert main(["pretrain", CONFIG, *run_overrides(synth_world, tmp_path / "r"), "--dry-run", "--world-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                CONFIG,
+                *run_overrides(synth_world, tmp_path / "r"),
+                "--dry-run",
+                "--world-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plan["global_batch"] == 8 * 32 and plan["parameters_M"] > 0 and plan["gflops_per_sample"] > 0
+    assert (
+        plan["global_batch"] == 8 * 32
+        and plan["parameters_M"] > 0
+        and plan["gflops_per_sample"] > 0
+    )
     assert [s["split"] for s in plan["sources"]] == ["train", "val", "test"]
     assert plan["sources"][0]["first_shard_samples"] == 200
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
 
 def test_missing_source_is_one_sentence(tmp_path, capsys):
-    code = main(["pretrain", CONFIG, f"data.train={tmp_path}/nothing/{{000..009}}.tar", "--dry-run"])
+    code = main(
+        ["pretrain", CONFIG, f"data.train={tmp_path}/nothing/{{000..009}}.tar", "--dry-run"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("vlpt: error:") and "nothing" in err
@@ -54,25 +91,51 @@ def test_missing_source_is_one_sentence(tmp_path, capsys):
 
 def _run(args: list[str], env=None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def test_resume_after_kill_continues_the_same_curve(synth_world, tmp_path):
-    common = ["train.max_steps=24", "train.log_every=1", "train.ckpt_every=8", "eval.max_items=20", "data.val=[]", "data.test=[]"]
+    common = [
+        "train.max_steps=24",
+        "train.log_every=1",
+        "train.ckpt_every=8",
+        "eval.max_items=20",
+        "data.val=[]",
+        "data.test=[]",
+    ]
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
-    ref = _run([str(BIN / "vlpt"), "pretrain", CONFIG, *run_overrides(synth_world, ref_out, *common)])
+    ref = _run(
+        [str(BIN / "vlpt"), "pretrain", CONFIG, *run_overrides(synth_world, ref_out, *common)]
+    )
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
     # Kill the second run as soon as its step-16 checkpoint exists, mid-way to step 24.
-    cut = _run([str(BIN / "vlpt"), "pretrain", CONFIG, *run_overrides(synth_world, cut_out, *common)])
+    cut = _run(
+        [str(BIN / "vlpt"), "pretrain", CONFIG, *run_overrides(synth_world, cut_out, *common)]
+    )
     deadline = time.time() + 300
-    while not (cut_out / "checkpoints/step_00000016").exists() and time.time() < deadline and cut.poll() is None:
+    while (
+        not (cut_out / "checkpoints/step_00000016").exists()
+        and time.time() < deadline
+        and cut.poll() is None
+    ):
         time.sleep(0.05)
     cut.send_signal(signal.SIGKILL)
     cut.wait()
-    assert not (cut_out / "checkpoints/step_00000024").exists(), "the run finished before it could be killed"
+    assert not (cut_out / "checkpoints/step_00000024").exists(), (
+        "the run finished before it could be killed"
+    )
 
-    resumed = _run([str(BIN / "vlpt"), "pretrain", CONFIG, *run_overrides(synth_world, cut_out, *common, "resume=auto")])
+    resumed = _run(
+        [
+            str(BIN / "vlpt"),
+            "pretrain",
+            CONFIG,
+            *run_overrides(synth_world, cut_out, *common, "resume=auto"),
+        ]
+    )
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output and "step_00000016" in output
@@ -89,8 +152,24 @@ def test_resume_after_kill_continues_the_same_curve(synth_world, tmp_path):
 
 def test_torchrun_two_ranks(synth_world, tmp_path):
     out = tmp_path / "ddp"
-    args = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "vlpt.cli", "pretrain", CONFIG]
-    args += run_overrides(synth_world, out, "train.max_steps=6", "train.ckpt_every=3", "train.batch_size=16", "eval.max_items=50")
+    args = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vlpt.cli",
+        "pretrain",
+        CONFIG,
+    ]
+    args += run_overrides(
+        synth_world,
+        out,
+        "train.max_steps=6",
+        "train.ckpt_every=3",
+        "train.batch_size=16",
+        "eval.max_items=50",
+    )
     proc = _run(args, env={"OMP_NUM_THREADS": "1"})
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output

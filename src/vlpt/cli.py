@@ -15,15 +15,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlpt.models import UnknownModelError, WeightsError
     from vlpt.train.checkpoint import CheckpointError
 
-    return (ConfigError, DataSourceError, UnknownModelError, WeightsError, CheckpointError, FileNotFoundError)
+    return (
+        ConfigError,
+        DataSourceError,
+        UnknownModelError,
+        WeightsError,
+        CheckpointError,
+        FileNotFoundError,
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from vlpt.data.synthetic import write_dataset
 
     summary = write_dataset(
-        args.out_dir, seed=args.seed, n_train=args.images, n_val=args.val, n_test=args.test,
-        size=args.size, workers=args.workers, progress=not args.quiet,
+        args.out_dir,
+        seed=args.seed,
+        n_train=args.images,
+        n_val=args.val,
+        n_test=args.test,
+        size=args.size,
+        workers=args.workers,
+        progress=not args.quiet,
     )
     print(json.dumps(summary))
 
@@ -55,8 +68,13 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 
     model, cfg = load_trained_model(args.checkpoint)
     result = evaluate_retrieval(
-        model, get_tokenizer(cfg.model.name), _eval_sources(args.data),
-        batch_size=args.batch_size, max_items=args.max_items, device="cpu", precision=args.precision,
+        model,
+        get_tokenizer(cfg.model.name),
+        _eval_sources(args.data),
+        batch_size=args.batch_size,
+        max_items=args.max_items,
+        device="cpu",
+        precision=args.precision,
     )
     _print_result(result, args.json)
 
@@ -68,8 +86,14 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
 
     model, cfg = load_trained_model(args.checkpoint)
     result = evaluate_zeroshot(
-        model, get_tokenizer(cfg.model.name), _eval_sources(args.data), task=args.task,
-        batch_size=args.batch_size, max_items=args.max_items, device="cpu", precision=args.precision,
+        model,
+        get_tokenizer(cfg.model.name),
+        _eval_sources(args.data),
+        task=args.task,
+        batch_size=args.batch_size,
+        max_items=args.max_items,
+        device="cpu",
+        precision=args.precision,
     )
     _print_result(result, args.json)
 
@@ -90,16 +114,22 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlpt", description="Vision-language pretraining on WebDataset shards.")
+    parser = argparse.ArgumentParser(
+        prog="vlpt", description="Vision-language pretraining on WebDataset shards."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data set tools").add_subparsers(
+        dest="data_command", required=True
+    )
     synth = data.add_parser("synth", help="write the synthetic world as WebDataset shards")
     synth.add_argument("out_dir", help="output folder; gets train/, val/, test/")
     synth.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     synth.add_argument("--images", type=int, default=20000, help="training images")
     synth.add_argument("--val", type=int, default=1000, help="validation images")
-    synth.add_argument("--test", type=int, default=1000, help="test images (unseen colour-shape pairs)")
+    synth.add_argument(
+        "--test", type=int, default=1000, help="test images (unseen colour-shape pairs)"
+    )
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,20 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain from a config file + key=value overrides")
     pre.add_argument("config", help="YAML config, e.g. configs/pretrain/synthetic-tiny.yaml")
     pre.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=64")
-    pre.add_argument("--dry-run", action="store_true", help="resolve, open the first shard of each source, print the plan")
-    pre.add_argument("--world-size", type=int, default=0, help="with --dry-run: ranks to plan for (default: $WORLD_SIZE or 1)")
+    pre.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve, open the first shard of each source, print the plan",
+    )
+    pre.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="with --dry-run: ranks to plan for (default: $WORLD_SIZE or 1)",
+    )
     pre.set_defaults(func=cmd_pretrain)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="eval_command", required=True)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
+        dest="eval_command", required=True
+    )
     for name, func, helptext in (
         ("retrieval", cmd_eval_retrieval, "text<->image recall@1/5/10, multi-caption protocol"),
         ("zeroshot", cmd_eval_zeroshot, "zero-shot classification of synthetic-world attributes"),
     ):
         p = ev.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder: its newest)")
+        p.add_argument(
+            "--checkpoint", required=True, help="checkpoint folder (or a run folder: its newest)"
+        )
         p.add_argument("--data", required=True, help="shard pattern or folder of .tar shards")
         p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--max-items", type=int, default=0, help="evaluate at most this many items (0 = all)")
+        p.add_argument(
+            "--max-items", type=int, default=0, help="evaluate at most this many items (0 = all)"
+        )
         p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
         if name == "zeroshot":

@@ -8,6 +8,7 @@ Unknown keys and wrong types end in one sentence naming the key, never a traceba
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 class Source(_Strict):
@@ -245,7 +248,7 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> Confi
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] = (), model: type[_Strict] = RunConfig
+    path: str | Path | None, overrides: Sequence[str] = (), model: type[_Strict] = RunConfig
 ) -> Any:
     """Read a YAML config, apply dotted overrides, validate; raise ConfigError on any problem."""
     tree: dict = {}
@@ -254,13 +257,19 @@ def load_config(
         p = Path(path)
         origin = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass a YAML file such as configs/pretrain/synthetic-tiny.yaml.")
+            raise ConfigError(
+                f"config file '{p}' does not exist; pass a YAML file such as configs/pretrain/synthetic-tiny.yaml."
+            )
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}).") from None
+            raise ConfigError(
+                f"config file '{p}' is not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})."
+            ) from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of keys, not {type(tree).__name__}.")
+            raise ConfigError(
+                f"config file '{p}' must hold a mapping of keys, not {type(tree).__name__}."
+            )
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(tree, keys, value)

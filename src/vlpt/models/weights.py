@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
@@ -19,13 +20,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist.")
+    sd: Any
     try:
         if path.suffix == ".safetensors":
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or hostile file: one sentence, not a stack trace
-        raise WeightsError(f"weights file '{path}' could not be read ({type(e).__name__}: {e}).") from None
+        raise WeightsError(
+            f"weights file '{path}' could not be read ({type(e).__name__}: {e})."
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

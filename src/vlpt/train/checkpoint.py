@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import vlpt
+from vlpt.models import VisionLanguageModel, build_model
 
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "version.json")
 
@@ -40,8 +41,15 @@ def code_version() -> dict[str, str]:
     info = {"vlpt": vlpt.__version__, "git": "unknown"}
     try:
         root = Path(__file__).resolve().parents[3]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if sha.returncode == 0:
             info["git"] = sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -50,7 +58,7 @@ def code_version() -> dict[str, str]:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "python": random.getstate()[1],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -132,40 +140,53 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise CheckpointError(f"checkpoint '{path}' has no model.safetensors; pass a folder under OUTPUT_DIR/checkpoints/.")
+        raise CheckpointError(
+            f"checkpoint '{path}' has no model.safetensors; pass a folder under OUTPUT_DIR/checkpoints/."
+        )
     try:
         return load_file(str(file))
     except Exception as e:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); it may have been cut off mid-write.") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable ({type(e).__name__}); it may have been cut off mid-write."
+        ) from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
     """Restore weights, optimiser and RNG from a checkpoint folder; returns its state.json."""
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (needs {', '.join(REQUIRED_FILES)}).")
+        raise CheckpointError(
+            f"checkpoint '{path}' is incomplete (needs {', '.join(REQUIRED_FILES)})."
+        )
     model.load_state_dict(load_weights(path))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
     state = json.loads((path / "state.json").read_text())
     set_rng_state(state.pop("rng"))
     return state
 
 
-def load_trained_model(path: str | Path) -> tuple[nn.Module, Any]:
+def load_trained_model(path: str | Path) -> tuple[VisionLanguageModel, Any]:
     """Rebuild the model a checkpoint folder was trained with and load its weights.
 
     Returns (model in eval mode, the run config). Used by `vlpt eval`, the demo and exports.
     """
     from vlpt.config import RunConfig, load_config
-    from vlpt.models import build_model
 
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' is not a folder; pass OUTPUT_DIR/checkpoints/step_XXXXXXXX or OUTPUT_DIR.")
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a folder; pass OUTPUT_DIR/checkpoints/step_XXXXXXXX or OUTPUT_DIR."
+        )
     if not (path / "model.safetensors").is_file():  # a run folder: take its newest checkpoint
         newest = find_resume_checkpoint(path / "checkpoints")
         if newest is None:
-            raise CheckpointError(f"'{path}' holds no complete checkpoint (model.safetensors + config.yaml).")
+            raise CheckpointError(
+                f"'{path}' holds no complete checkpoint (model.safetensors + config.yaml)."
+            )
         path = newest
     cfg = load_config(path / "config.yaml", model=RunConfig)
     model = build_model(cfg.model.name)

@@ -47,7 +47,9 @@ def init_distributed() -> DistInfo:
         return DistInfo(device=device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, device_id=device if device.type == "cuda" else None
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlpt.config import RunConfig, dump_config
@@ -42,14 +43,21 @@ class TrainState:
     skips: Counter = field(default_factory=Counter)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "samples": self.samples, "train_seconds": self.train_seconds, "skips": dict(self.skips)}
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "train_seconds": self.train_seconds,
+            "skips": dict(self.skips),
+        }
 
 
 def compute_context(cfg: RunConfig, device: torch.device) -> contextlib.ExitStack:
     """bf16 autocast on CPU and CUDA (never fp16 on CPU: it is ~50x slower there), with the
     attention kernel that `train.attention` picks."""
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"))
+    stack.enter_context(
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    )
     backends = attention_backends(cfg.train.attention, device)
     if backends:
         stack.enter_context(sdpa_kernel(backends))
@@ -64,7 +72,11 @@ def attention_backends(choice: str, device: torch.device) -> list[SDPBackend]:
     """
     if choice == "auto":
         return [SDPBackend.MATH] if device.type == "cpu" else []
-    named = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    named = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
     return [named[choice]] if choice in named else []
 
 
@@ -78,13 +90,18 @@ def train_step(
 ) -> dict[str, float]:
     """Forward, backward and update on `accum_steps` micro-batches; returns detached metrics."""
     optimizer.zero_grad(set_to_none=True)
-    logged: Counter = Counter()
+    logged: defaultdict[str, float] = defaultdict(float)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
         tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
         # Gradients are all-reduced only on the last micro-batch of the step.
-        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        last = i == n - 1
+        sync = (
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel) and not last
+            else contextlib.nullcontext()
+        )
         with sync:
             with compute_context(cfg, device):
                 outputs = model(images, tokens)
@@ -93,12 +110,15 @@ def train_step(
             terms: dict[str, torch.Tensor] = {}
             for objective in objectives:
                 terms.update(objective(outputs))
-            loss = sum(v for k, v in terms.items() if k.startswith("loss/"))
+            loss = torch.stack([v for k, v in terms.items() if k.startswith("loss/")]).sum()
             (loss / n).backward()
-        logged.update({k: float(v.detach()) / n for k, v in terms.items()})
+        for key, value in terms.items():
+            logged[key] += float(value.detach()) / n
         logged["loss"] += float(loss.detach()) / n
     if cfg.train.grad_clip > 0:
-        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+        logged["grad_norm"] = float(
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        )
     optimizer.step()
     return dict(logged)
 
@@ -109,7 +129,9 @@ def _out_of_time(state: TrainState, started: float, cfg: RunConfig, dist_info: D
         return False
     over = float(state.train_seconds + time.monotonic() - started >= 60 * cfg.train.max_minutes)
     if dist_info.distributed:
-        over = float(all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)["over"])
+        over = float(
+            all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)["over"]
+        )
     return over > 0
 
 
@@ -119,9 +141,13 @@ def _segment_seed(cfg: RunConfig, step: int, rank: int) -> int:
     return (cfg.data.seed * 1_000_003 + step) * 1009 + rank
 
 
-def _build(cfg: RunConfig, dist_info: DistInfo) -> tuple[VisionLanguageModel, Any, nn.ModuleList, torch.optim.Optimizer]:
+def _build(
+    cfg: RunConfig, dist_info: DistInfo
+) -> tuple[VisionLanguageModel, Any, nn.ModuleList, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained)
+    model = build_model(
+        cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained
+    )
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # Only SigLIP uses the logit bias; a parameter without gradient would stall DDP's reducer.
@@ -150,11 +176,21 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     train_model = wrap_model(model, cfg, dist_info)
     schedule = lr_schedule(cfg.train)
     logger = (
-        MetricsLogger(out, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=cfg.model_dump(mode="json"))
+        MetricsLogger(
+            out,
+            tensorboard=cfg.train.tensorboard,
+            wandb=cfg.train.wandb,
+            config=cfg.model_dump(mode="json"),
+        )
         if dist_info.is_main
         else NullLogger()
     )
-    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (cfg.train.progress and dist_info.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state.step,
+        disable=not (cfg.train.progress and dist_info.is_main),
+        dynamic_ncols=True,
+    )
 
     started = time.monotonic()
     window: Counter = Counter()
@@ -178,7 +214,9 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             for b in micro:
                 state.skips.update(b.get("skips", {}))
             set_lr(optimizer, schedule[state.step])
-            window.update(train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device))
+            window.update(
+                train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device)
+            )
             state.step += 1
             state.samples += sum(len(b["text"]) for b in micro) * dist_info.world_size
             window_steps += 1
@@ -190,7 +228,11 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 record.update(
                     lr=schedule[state.step - 1],
                     samples=state.samples,
-                    samples_per_s=window_steps * cfg.train.batch_size * cfg.train.accum_steps * dist_info.world_size / elapsed,
+                    samples_per_s=window_steps
+                    * cfg.train.batch_size
+                    * cfg.train.accum_steps
+                    * dist_info.world_size
+                    / elapsed,
                     minutes=(state.train_seconds + time.monotonic() - started) / 60,
                 )
                 logger.log(state.step, record)
@@ -218,7 +260,13 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
-def _resume(cfg: RunConfig, ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo) -> TrainState:
+def _resume(
+    cfg: RunConfig,
+    ckpt_root: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dist_info: DistInfo,
+) -> TrainState:
     if not cfg.resume:
         return TrainState()
     path = ckpt.find_resume_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
@@ -229,12 +277,29 @@ def _resume(cfg: RunConfig, ckpt_root: Path, model: nn.Module, optimizer: torch.
     saved = ckpt.load_checkpoint(path, model, optimizer)
     if dist_info.is_main:
         print(f"vlpt: resumed from {path} (step {saved['step']})")
-    return TrainState(saved["step"], saved["samples"], saved["train_seconds"], Counter(saved.get("skips", {})))
+    return TrainState(
+        saved["step"], saved["samples"], saved["train_seconds"], Counter(saved.get("skips", {}))
+    )
 
 
-def _save(cfg: RunConfig, ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, dist_info: DistInfo) -> None:
+def _save(
+    cfg: RunConfig,
+    ckpt_root: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    dist_info: DistInfo,
+) -> None:
     if dist_info.is_main:
-        ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, state.to_json(), dump_config(cfg), cfg.train.keep_checkpoints)
+        ckpt.save_checkpoint(
+            ckpt_root,
+            state.step,
+            model,
+            optimizer,
+            state.to_json(),
+            dump_config(cfg),
+            cfg.train.keep_checkpoints,
+        )
     if dist_info.distributed:
         torch.distributed.barrier()
 
@@ -253,8 +318,12 @@ def _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits) -
 
 
 def _final_report(model, tokenizer, cfg, dist_info, logger, state) -> dict[str, Any]:
-    skips = Counter({k: int(v) for k, v in all_reduce_sum(dict(state.skips), dist_info.device).items()})
-    results = _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits=("val", "test"))
+    skips = Counter(
+        {k: int(v) for k, v in all_reduce_sum(dict(state.skips), dist_info.device).items()}
+    )
+    results = _evaluate_and_log(
+        model, tokenizer, cfg, dist_info, logger, state, splits=("val", "test")
+    )
     report = {
         "step": state.step,
         "samples": state.samples,
@@ -264,6 +333,8 @@ def _final_report(model, tokenizer, cfg, dist_info, logger, state) -> dict[str, 
     }
     if dist_info.is_main:
         if skips:
-            print("vlpt: skipped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(skips.items())))
+            print(
+                "vlpt: skipped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(skips.items()))
+            )
         print(json.dumps(report))
     return report

@@ -11,9 +11,11 @@ from typing import Any
 class MetricsLogger:
     """Appends one JSON object per call to OUTPUT_DIR/metrics.jsonl and mirrors scalars."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool, wandb: bool, config: dict[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, *, tensorboard: bool, wandb: bool, config: dict[str, Any]
+    ) -> None:
         self.path = output_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses no line
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close(); line-buffered: a kill loses no line)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -23,7 +25,9 @@ class MetricsLogger:
         if wandb:
             import wandb as wb  # optional dependency
 
-            self._wandb = wb.init(project="vlpt", dir=str(output_dir), config=config, resume="allow")
+            self._wandb = wb.init(
+                project="vlpt", dir=str(output_dir), config=config, resume="allow"
+            )
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         record = {"step": step, "time": round(time.time(), 3), **values}

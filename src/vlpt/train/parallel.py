@@ -15,9 +15,9 @@ def wrap_model(model: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> nn.Modu
 
     The unwrapped `model` stays the one that is checkpointed and evaluated.
     """
-    wrapped = model
+    wrapped: nn.Module = model
     if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     if dist_info.distributed:
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)

@@ -19,7 +19,9 @@ def flops_per_sample(model: torch.nn.Module, image_size: int, context_length: in
     patch dropout counts), x3 for the backward."""
     model.train()
     images = torch.zeros(2, 3, image_size, image_size)
-    tokens = torch.ones(2, context_length, dtype=torch.long)  # full-length captions: the upper bound
+    tokens = torch.ones(
+        2, context_length, dtype=torch.long
+    )  # full-length captions: the upper bound
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images, tokens)
     return 3 * counter.get_total_flops() / 2
@@ -32,7 +34,9 @@ def make_plan(cfg: RunConfig, world_size: int = 0) -> dict[str, Any]:
     for split in ("train", "val", "test"):
         for source in getattr(cfg.data, split):
             sources.append({"split": split, "weight": source.weight, **check_source(source)})
-    model = build_model(cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained)
+    model = build_model(
+        cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained
+    )
     n_params = sum(p.numel() for p in model.parameters())
     gflops = flops_per_sample(model, model.image_size, model.context_length) / 1e9
     global_batch = cfg.train.batch_size * cfg.train.accum_steps * world_size
@@ -54,11 +58,17 @@ def make_plan(cfg: RunConfig, world_size: int = 0) -> dict[str, Any]:
 
 def print_plan(cfg: RunConfig, world_size: int = 0) -> None:
     plan = make_plan(cfg, world_size)
-    print(f"model      {plan['model']}: {plan['parameters_M']}M parameters, {plan['image_size']} px, "
-          f"~{plan['gflops_per_sample']} GFLOP per training sample ({plan['precision']})")
-    print(f"schedule   {plan['steps']} steps x global batch {plan['global_batch']} "
-          f"({plan['world_size']} rank(s)) = {plan['samples']:,} samples, ~{plan['total_pflops']} PFLOP")
+    print(
+        f"model      {plan['model']}: {plan['parameters_M']}M parameters, {plan['image_size']} px, "
+        f"~{plan['gflops_per_sample']} GFLOP per training sample ({plan['precision']})"
+    )
+    print(
+        f"schedule   {plan['steps']} steps x global batch {plan['global_batch']} "
+        f"({plan['world_size']} rank(s)) = {plan['samples']:,} samples, ~{plan['total_pflops']} PFLOP"
+    )
     for s in plan["sources"]:
-        print(f"source     {s['split']:5} weight {s['weight']:<5g} {s['n_shards']} shard(s), first shard "
-              f"{s['first_shard_samples']} samples: {s['url']}")
+        print(
+            f"source     {s['split']:5} weight {s['weight']:<5g} {s['n_shards']} shard(s), first shard "
+            f"{s['first_shard_samples']} samples: {s['url']}"
+        )
     print(json.dumps(plan))
