@@ -242,7 +242,10 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             done = state.step >= cfg.train.max_steps or _out_of_time(state, started, cfg, dist_info)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done:
                 paused = time.monotonic()
-                _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits=("val",))
+                minutes = (state.train_seconds + paused - started) / 60
+                _evaluate_and_log(
+                    model, tokenizer, cfg, dist_info, logger, state, ("val",), minutes
+                )
                 started += time.monotonic() - paused  # evaluation time is not training time
                 window_start += time.monotonic() - paused
             boundary = state.step % cfg.train.ckpt_every == 0
@@ -304,14 +307,17 @@ def _save(
         torch.distributed.barrier()
 
 
-def _evaluate_and_log(model, tokenizer, cfg, dist_info, logger, state, splits) -> dict[str, Any]:
+def _evaluate_and_log(
+    model, tokenizer, cfg, dist_info, logger, state, splits, minutes: float
+) -> dict[str, Any]:
+    """Evaluate on rank 0 (the others wait); the record carries the training minutes so far."""
     results: dict[str, Any] = {}
     if dist_info.is_main:
         model.eval()
         with torch.no_grad():
             results = evaluate_run(model, tokenizer, cfg, dist_info.device, splits=splits)
         model.train()
-        logger.log(state.step, {f"eval/{k}": v for k, v in results.items()})
+        logger.log(state.step, {"minutes": minutes, **{f"eval/{k}": v for k, v in results.items()}})
     if dist_info.distributed:
         torch.distributed.barrier()
     return results
@@ -321,8 +327,9 @@ def _final_report(model, tokenizer, cfg, dist_info, logger, state) -> dict[str, 
     skips = Counter(
         {k: int(v) for k, v in all_reduce_sum(dict(state.skips), dist_info.device).items()}
     )
+    minutes = state.train_seconds / 60
     results = _evaluate_and_log(
-        model, tokenizer, cfg, dist_info, logger, state, splits=("val", "test")
+        model, tokenizer, cfg, dist_info, logger, state, ("val", "test"), minutes
     )
     report = {
         "step": state.step,
