@@ -33,7 +33,7 @@ def test_pretrain_learns_and_reports(synth_world, tmp_path, capsys):
                 "train.batch_size=64",
                 "train.log_every=5",
                 "train.ckpt_every=75",
-                "train.lr=3e-3",
+                "train.lr=1e-3",
             ),
         ]
     )
@@ -45,7 +45,7 @@ def test_pretrain_learns_and_reports(synth_world, tmp_path, capsys):
     assert {"val/t2i_r1", "val/i2t_r10", "test/t2i_r1", "val/n_items"} <= set(final)
     assert final["val/n_items"] == 100
     # 100 val images: chance R@1 is 0.01, R@10 0.1; a trained model is well above.
-    assert final["val/t2i_r10"] > 0.3, final
+    assert final["val/t2i_r10"] > 0.5, final
     losses = [m["loss"] for m in _metrics(out) if "loss" in m]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
