@@ -12,7 +12,7 @@ Three measurements, every training run a subprocess of its own, never two at a t
    after the first `--discard` (10): vlpt's from the `samples_per_s` windows in metrics.jsonl,
    open_clip's from its per-step log lines (`--log-every-n-steps 1`, `Batch (t): .., N/s`).
 2. Time to quality. Each side trains for at most `--minutes` of training wall-clock (the default
-   320-step schedule of configs/pretrain/synthetic-tiny.yaml, plus `--vlpt-set` / `--open-clip-args`
+   schedule (max_steps) of configs/pretrain/synthetic-tiny.yaml, plus `--vlpt-set` / `--open-clip-args`
    for each side's best settings), and val text->image R@1 (multi-caption protocol, 1,000 items)
    is measured with vlpt's evaluator on both: vlpt evaluates in the loop every `--eval-every`
    steps (excluded from its `minutes`); open_clip saves a checkpoint per short epoch of

@@ -123,15 +123,15 @@ def train_step(
     return dict(logged)
 
 
-def _out_of_time(state: TrainState, started: float, cfg: RunConfig, dist_info: DistInfo) -> bool:
+def _out_of_time(clock: Clock, cfg: RunConfig, dist_info: DistInfo) -> bool:
     """All ranks agree on stopping (rank 0's clock decides), so DDP never waits forever."""
     if cfg.train.max_minutes <= 0:
         return False
-    over = float(state.train_seconds + time.monotonic() - started >= 60 * cfg.train.max_minutes)
+    over = float(clock.seconds() >= 60 * cfg.train.max_minutes)
     if dist_info.distributed:
-        over = float(
-            all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)["over"]
-        )
+        over = all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)[
+            "over"
+        ]
     return over > 0
 
 
@@ -159,101 +159,91 @@ def _build(
     return model, tokenizer, objectives, optimizer
 
 
+class Clock:
+    """Training seconds so far: carried over from the checkpoint, minus time spent evaluating."""
+
+    def __init__(self, carried: float = 0.0) -> None:
+        self.started = time.monotonic() - carried
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
+
+
+class Window:
+    """Metrics averaged over the steps since the last log line, with their throughput."""
+
+    def __init__(self) -> None:
+        self.sums: Counter = Counter()
+        self.steps, self.samples, self.clock = 0, 0, Clock()
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        self.sums.update(metrics)
+        self.steps += 1
+        self.samples += samples
+
+    def summary(self) -> dict[str, float]:
+        return {
+            **{k: v / self.steps for k, v in self.sums.items()},
+            "samples_per_s": self.samples / max(self.clock.seconds(), 1e-9),
+        }
+
+
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Train as the config says; returns (and prints, as the last line) the final evaluation."""
     dist_info = init_distributed()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    out = Path(cfg.output_dir)
+    out = _prepare_run_folder(cfg, dist_info)
     ckpt_root = out / "checkpoints"
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        (out / "version.json").write_text(json.dumps(ckpt.code_version()))
-
     model, tokenizer, objectives, optimizer = _build(cfg, dist_info)
     state = _resume(cfg, ckpt_root, model, optimizer, dist_info)
     train_model = wrap_model(model, cfg, dist_info)
     schedule = lr_schedule(cfg.train)
-    logger = (
-        MetricsLogger(
-            out,
-            tensorboard=cfg.train.tensorboard,
-            wandb=cfg.train.wandb,
-            config=cfg.model_dump(mode="json"),
-        )
-        if dist_info.is_main
-        else NullLogger()
-    )
+    logger = _make_logger(cfg, out, dist_info)
+    show_bar = cfg.train.progress and dist_info.is_main
     bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=state.step,
-        disable=not (cfg.train.progress and dist_info.is_main),
-        dynamic_ncols=True,
+        total=cfg.train.max_steps, initial=state.step, disable=not show_bar, dynamic_ncols=True
     )
 
-    started = time.monotonic()
-    window: Counter = Counter()
-    window_start, window_steps = time.monotonic(), 0
+    clock, window = Clock(state.train_seconds), Window()
     done = state.step >= cfg.train.max_steps
     while not done:
-        loader = build_train_loader(
-            cfg.data,
-            image_size=model.image_size,
-            mean=model.image_mean,
-            std=model.image_std,
-            tokenizer=tokenizer,
-            batch_size=cfg.train.batch_size,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            seed=_segment_seed(cfg, state.step, dist_info.rank),
-        )
-        batches = iter(loader)
+        batches = iter(_segment_loader(cfg, model, tokenizer, dist_info, state.step))
         while True:
             micro = [next(batches) for _ in range(cfg.train.accum_steps)]
+            set_lr(optimizer, schedule[state.step])
+            metrics = train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device)
+            n_samples = sum(len(b["text"]) for b in micro) * dist_info.world_size
+            state.step += 1
+            state.samples += n_samples
             for b in micro:
                 state.skips.update(b.get("skips", {}))
-            set_lr(optimizer, schedule[state.step])
-            window.update(
-                train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device)
-            )
-            state.step += 1
-            state.samples += sum(len(b["text"]) for b in micro) * dist_info.world_size
-            window_steps += 1
+            window.add(metrics, n_samples)
             bar.update(1)
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                elapsed = time.monotonic() - window_start
-                record = {k: v / window_steps for k, v in window.items()}
+                record = window.summary()
                 record.update(
-                    lr=schedule[state.step - 1],
-                    samples=state.samples,
-                    samples_per_s=window_steps
-                    * cfg.train.batch_size
-                    * cfg.train.accum_steps
-                    * dist_info.world_size
-                    / elapsed,
-                    minutes=(state.train_seconds + time.monotonic() - started) / 60,
+                    lr=schedule[state.step - 1], samples=state.samples, minutes=clock.seconds() / 60
                 )
                 logger.log(state.step, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                window, window_start, window_steps = Counter(), time.monotonic(), 0
+                window = Window()
 
-            done = state.step >= cfg.train.max_steps or _out_of_time(state, started, cfg, dist_info)
+            done = state.step >= cfg.train.max_steps or _out_of_time(clock, cfg, dist_info)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done:
                 paused = time.monotonic()
-                minutes = (state.train_seconds + paused - started) / 60
                 _evaluate_and_log(
-                    model, tokenizer, cfg, dist_info, logger, state, ("val",), minutes
+                    model, tokenizer, cfg, dist_info, logger, state, ("val",), clock.seconds() / 60
                 )
-                started += time.monotonic() - paused  # evaluation time is not training time
-                window_start += time.monotonic() - paused
-            boundary = state.step % cfg.train.ckpt_every == 0
-            if done or boundary:
-                state.train_seconds += time.monotonic() - started
-                started = time.monotonic()
+                clock.exclude(time.monotonic() - paused)  # evaluation time is not training time
+                window.clock.exclude(time.monotonic() - paused)
+            if done or state.step % cfg.train.ckpt_every == 0:
+                state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
-            if done or boundary:
                 break  # a new data segment starts here (see _segment_seed)
     bar.close()
 
@@ -261,6 +251,42 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     logger.close()
     cleanup()
     return result
+
+
+def _prepare_run_folder(cfg: RunConfig, dist_info: DistInfo) -> Path:
+    """OUTPUT_DIR with the resolved config and the code version written into it."""
+    out = Path(cfg.output_dir)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "version.json").write_text(json.dumps(ckpt.code_version()))
+    return out
+
+
+def _make_logger(cfg: RunConfig, out: Path, dist_info: DistInfo) -> MetricsLogger | NullLogger:
+    if not dist_info.is_main:
+        return NullLogger()
+    config = cfg.model_dump(mode="json")
+    return MetricsLogger(
+        out, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=config
+    )
+
+
+def _segment_loader(
+    cfg: RunConfig, model: VisionLanguageModel, tokenizer: Any, dist_info: DistInfo, step: int
+):
+    """The data stream of the segment that starts at `step`."""
+    return build_train_loader(
+        cfg.data,
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        tokenizer=tokenizer,
+        batch_size=cfg.train.batch_size,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        seed=_segment_seed(cfg, step, dist_info.rank),
+    )
 
 
 def _resume(
