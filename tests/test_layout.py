@@ -49,3 +49,14 @@ def test_generated_things_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
     for entry in (".venv/", "/data/", "/runs/"):
         assert entry in ignored
+
+
+def test_synth_bad_argument_is_one_sentence(tmp_path):
+    vlpt = Path(sys.executable).parent / "vlpt"
+    result = subprocess.run(
+        [str(vlpt), "data", "synth", str(tmp_path / "w"), "--images", "-5", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("vlpt: error:") and "Traceback" not in result.stderr

@@ -26,18 +26,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    from vlpt.config import ConfigError
     from vlpt.data.synthetic import write_dataset
 
-    summary = write_dataset(
-        args.out_dir,
-        seed=args.seed,
-        n_train=args.images,
-        n_val=args.val,
-        n_test=args.test,
-        size=args.size,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    try:
+        summary = write_dataset(
+            args.out_dir,
+            seed=args.seed,
+            n_train=args.images,
+            n_val=args.val,
+            n_test=args.test,
+            size=args.size,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except ValueError as e:  # write_dataset names the bad argument in one sentence
+        raise ConfigError(str(e)) from None
     print(json.dumps(summary))
 
 
