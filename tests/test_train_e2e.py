@@ -54,6 +54,26 @@ def test_pretrain_learns_and_reports(synth_world, tmp_path, capsys):
     ]
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
 
+    # Contract: `vlpt eval retrieval --json` prints one JSON object with these keys.
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--checkpoint",
+                str(out),
+                "--data",
+                str(synth_world / "val"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    evaluated = json.loads(capsys.readouterr().out)
+    keys = {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "n_items", "n_captions"}
+    assert keys <= set(evaluated) and evaluated["n_items"] == 100 and evaluated["n_captions"] == 500
+    assert abs(evaluated["t2i_r10"] - final["val/t2i_r10"]) < 0.05  # fp32 here, bf16 in the loop
+
 
 def test_dry_run_prints_the_plan(synth_world, tmp_path, capsys):
     assert (

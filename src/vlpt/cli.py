@@ -59,47 +59,38 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(cfg)
 
 
-def _eval_sources(pattern: str) -> list:
+def _run_eval(args: argparse.Namespace, evaluate: Callable[..., dict], **extra: object) -> None:
+    """Load a checkpoint, evaluate it on `--data` with `evaluate`, print the result."""
     from vlpt.config import Source
+    from vlpt.models import get_tokenizer
+    from vlpt.train.checkpoint import load_trained_model
+    from vlpt.train.distributed import pick_device
 
-    return [Source(url=pattern)]
+    device = pick_device()
+    model, cfg = load_trained_model(args.checkpoint)
+    result = evaluate(
+        model.to(device),
+        get_tokenizer(cfg.model.name),
+        [Source(url=args.data)],
+        batch_size=args.batch_size,
+        max_items=args.max_items,
+        device=device,
+        precision=args.precision,
+        **extra,
+    )
+    _print_result(result, args.json)
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from vlpt.eval import evaluate_retrieval
-    from vlpt.models import get_tokenizer
-    from vlpt.train.checkpoint import load_trained_model
 
-    model, cfg = load_trained_model(args.checkpoint)
-    result = evaluate_retrieval(
-        model,
-        get_tokenizer(cfg.model.name),
-        _eval_sources(args.data),
-        batch_size=args.batch_size,
-        max_items=args.max_items,
-        device="cpu",
-        precision=args.precision,
-    )
-    _print_result(result, args.json)
+    _run_eval(args, evaluate_retrieval)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     from vlpt.eval import evaluate_zeroshot
-    from vlpt.models import get_tokenizer
-    from vlpt.train.checkpoint import load_trained_model
 
-    model, cfg = load_trained_model(args.checkpoint)
-    result = evaluate_zeroshot(
-        model,
-        get_tokenizer(cfg.model.name),
-        _eval_sources(args.data),
-        task=args.task,
-        batch_size=args.batch_size,
-        max_items=args.max_items,
-        device="cpu",
-        precision=args.precision,
-    )
-    _print_result(result, args.json)
+    _run_eval(args, evaluate_zeroshot, task=args.task)
 
 
 def _print_result(result: dict, as_json: bool) -> None:
