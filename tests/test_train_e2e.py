@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, run_overrides
 
 from vlpt.cli import main
@@ -196,3 +197,23 @@ def test_torchrun_two_ranks(synth_world, tmp_path):
     final = json.loads(output.strip().splitlines()[-1])
     assert final["step"] == 6 and final["samples"] == 6 * 16 * 2  # both ranks' samples count
     assert final["val/n_items"] == 50
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["loss.name=siglip"], ["model.patch_dropout=0.5", "train.accum_steps=2"]],
+    ids=["siglip", "flip-accum"],
+)
+def test_other_objective_and_options_learn(synth_world, tmp_path, capsys, extra):
+    args = run_overrides(
+        synth_world,
+        tmp_path / "r",
+        "train.batch_size=64",
+        "train.max_steps=100",
+        "train.lr=1e-3",
+        "data.test=[]",
+        *extra,
+    )
+    assert main(["pretrain", CONFIG, *args]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["val/t2i_r10"] > 0.3, final  # chance is 0.1
