@@ -398,7 +398,7 @@ def _other_trainers() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--minutes",
@@ -439,7 +439,126 @@ def main() -> None:
     parser.add_argument(
         "--work-dir", default="", help="keep runs here (default: a temporary folder, removed)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure_throughput(
+    args: argparse.Namespace, work: Path, tp_cfg: Any, tp_overrides: list[str]
+) -> dict[str, Any]:
+    """Samples/s of both trainers at identical settings (steady state, warm-up steps left out)."""
+    batch = tp_cfg.train.batch_size
+    records, _ = run_vlpt(work, "vlpt_throughput", tp_overrides, args.threads)
+    vlpt_sps, vlpt_n = vlpt_throughput(records, args.discard, batch)
+    log(f"vlpt: {vlpt_sps:.1f} samples/s over {vlpt_n} steps")
+    oc_argv = open_clip_args(
+        tp_cfg,
+        steps_per_epoch=args.steps,
+        epochs=1,
+        log_every=1,
+        logs=work / "open_clip_logs",
+        name="open_clip_throughput",
+    )
+    out_log, _, ckpts = run_open_clip(work, "open_clip_throughput", oc_argv, 0.0, args.threads)
+    oc_sps, oc_n = open_clip_throughput(out_log, batch, args.discard)
+    for ckpt in ckpts.glob("*.pt"):
+        ckpt.unlink()
+    log(f"open_clip: {oc_sps:.1f} samples/s over {oc_n} steps")
+    return dict(
+        vlpt_samples_per_s=round(vlpt_sps, 1),
+        open_clip_samples_per_s=round(oc_sps, 1),
+        throughput_ratio=_ratio(vlpt_sps, oc_sps),
+    )
+
+
+def race_to_target(
+    args: argparse.Namespace, work: Path, common: list[str]
+) -> tuple[dict[str, Any], int]:
+    """Wall-clock to val R@1 >= target per side within `--minutes`, scored by one evaluator."""
+    from vlpt.config import load_config
+
+    result: dict[str, Any] = {}
+    race_overrides = [
+        *common,
+        f"data.val={VAL}",
+        f"train.max_minutes={args.minutes}",
+        f"train.eval_every={args.eval_every}",
+        # a metrics line (with `minutes`) at every evaluation step
+        f"train.log_every={math.gcd(10, args.eval_every)}",
+        f"eval.max_items={args.eval_items}",
+        *args.vlpt_set,
+    ]
+    if args.quick:
+        race_overrides.append(f"train.max_steps={3 * args.eval_every}")
+    race_cfg = load_config(REPO / CONFIG, race_overrides)
+    race_cfg_steps = race_cfg.train.max_steps
+    # One checkpoint at the end only: a vlpt checkpoint also restarts its data stream.
+    race_overrides.append(f"train.ckpt_every={race_cfg_steps}")
+    records, report = run_vlpt(work, "vlpt_race", race_overrides, args.threads)
+    v_points = vlpt_eval_points(records, report)
+    log("vlpt R@1: " + ", ".join(f"{t:.2f} min {r:.3f}" for t, r, _ in v_points))
+    # Same evaluator for both sides: vlpt's final weights through the open_clip path.
+    final = sorted(
+        (work / "vlpt_race" / "checkpoints").glob("step_*/model.safetensors"),
+        key=lambda p: int(p.parent.name.split("_")[-1]),
+    )
+    if final:
+        result["vlpt_final_r1_offline_check"] = round(
+            evaluate_checkpoint(final[-1], race_cfg, args.eval_items), 4
+        )
+
+    epochs = math.ceil(race_cfg_steps / args.eval_every)
+    oc_argv = open_clip_args(
+        race_cfg,
+        steps_per_epoch=args.eval_every,
+        epochs=epochs,
+        log_every=10,
+        logs=work / "open_clip_logs",
+        name="open_clip_race",
+    )
+    oc_argv += shlex.split(args.open_clip_args)
+    _, timing, ckpts = run_open_clip(
+        work, "open_clip_race", oc_argv, 60 * args.minutes, args.threads
+    )
+    epoch_minutes = {
+        e["epoch"]: e["train_seconds"] / 60
+        for e in map(json.loads, timing.read_text().splitlines())
+    }
+    o_points = []
+    for epoch, minutes in sorted(epoch_minutes.items()):
+        path = ckpts / f"epoch_{epoch}.pt"
+        r1 = evaluate_checkpoint(path, race_cfg, args.eval_items)
+        path.unlink()
+        o_points.append((minutes, r1, epoch * args.eval_every))
+        log(f"open_clip epoch {epoch}: {minutes:.2f} min, R@1 {r1:.3f}")
+
+    v_tr = [(t, r) for t, r, _ in v_points]
+    o_tr = [(t, r) for t, r, _ in o_points]
+    v_time, o_time = (
+        minutes_to_reach(v_tr, args.target),
+        minutes_to_reach(o_tr, args.target),
+    )
+    tag = f"{round(100 * args.target):03d}"
+    result.update(
+        {
+            f"vlpt_minutes_to_r1_{tag}": _round(v_time, 2),
+            f"open_clip_minutes_to_r1_{tag}": _round(o_time, 2),
+            "time_ratio": _ratio(v_time, o_time),
+            "vlpt_best_r1": _round(best_within(v_points, args.minutes), 4),
+            "open_clip_best_r1": _round(best_within(o_points, args.minutes), 4),
+            "vlpt_r1_curve": [[round(t, 2), round(r, 4), s] for t, r, s in v_points],
+            "open_clip_r1_curve": [[round(t, 2), round(r, 4), s] for t, r, s in o_points],
+        }
+    )
+    if v_time is None or o_time is None:
+        result["race_note"] = (
+            f"R@1 {args.target} not reached within {args.minutes} min by: "
+            + ", ".join(n for n, t in (("vlpt", v_time), ("open_clip", o_time)) if t is None)
+        )
+    return result, race_cfg_steps
+
+
+def main() -> None:
+    args = _parse_args()
     if args.quick:
         args.minutes, args.steps, args.discard, args.eval_every, args.eval_items = 0.4, 8, 4, 4, 200
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -499,111 +618,13 @@ def main() -> None:
         tp_cfg = load_config(REPO / CONFIG, tp_overrides)
         batch = tp_cfg.train.batch_size
         if not args.no_throughput:
-            records, _ = run_vlpt(work, "vlpt_throughput", tp_overrides, args.threads)
-            vlpt_sps, vlpt_n = vlpt_throughput(records, args.discard, batch)
-            log(f"vlpt: {vlpt_sps:.1f} samples/s over {vlpt_n} steps")
-            oc_argv = open_clip_args(
-                tp_cfg,
-                steps_per_epoch=args.steps,
-                epochs=1,
-                log_every=1,
-                logs=work / "open_clip_logs",
-                name="open_clip_throughput",
-            )
-            out_log, _, ckpts = run_open_clip(
-                work, "open_clip_throughput", oc_argv, 0.0, args.threads
-            )
-            oc_sps, oc_n = open_clip_throughput(out_log, batch, args.discard)
-            for ckpt in ckpts.glob("*.pt"):
-                ckpt.unlink()
-            log(f"open_clip: {oc_sps:.1f} samples/s over {oc_n} steps")
-            result.update(
-                vlpt_samples_per_s=round(vlpt_sps, 1),
-                open_clip_samples_per_s=round(oc_sps, 1),
-                throughput_ratio=_ratio(vlpt_sps, oc_sps),
-            )
+            result.update(measure_throughput(args, work, tp_cfg, tp_overrides))
 
         # 2. Wall-clock to val R@1 >= target, each side within `--minutes` of training.
+        race_cfg_steps = None
         if not args.no_race:
-            race_overrides = [
-                *common,
-                f"data.val={VAL}",
-                f"train.max_minutes={args.minutes}",
-                f"train.eval_every={args.eval_every}",
-                # a metrics line (with `minutes`) at every evaluation step
-                f"train.log_every={math.gcd(10, args.eval_every)}",
-                f"eval.max_items={args.eval_items}",
-                *args.vlpt_set,
-            ]
-            if args.quick:
-                race_overrides.append(f"train.max_steps={3 * args.eval_every}")
-            race_cfg = load_config(REPO / CONFIG, race_overrides)
-            race_cfg_steps = race_cfg.train.max_steps
-            # One checkpoint at the end only: a vlpt checkpoint also restarts its data stream.
-            race_overrides.append(f"train.ckpt_every={race_cfg_steps}")
-            records, report = run_vlpt(work, "vlpt_race", race_overrides, args.threads)
-            v_points = vlpt_eval_points(records, report)
-            log("vlpt R@1: " + ", ".join(f"{t:.2f} min {r:.3f}" for t, r, _ in v_points))
-            # Same evaluator for both sides: vlpt's final weights through the open_clip path.
-            final = sorted(
-                (work / "vlpt_race" / "checkpoints").glob("step_*/model.safetensors"),
-                key=lambda p: int(p.parent.name.split("_")[-1]),
-            )
-            if final:
-                result["vlpt_final_r1_offline_check"] = round(
-                    evaluate_checkpoint(final[-1], race_cfg, args.eval_items), 4
-                )
-
-            epochs = math.ceil(race_cfg_steps / args.eval_every)
-            oc_argv = open_clip_args(
-                race_cfg,
-                steps_per_epoch=args.eval_every,
-                epochs=epochs,
-                log_every=10,
-                logs=work / "open_clip_logs",
-                name="open_clip_race",
-            )
-            oc_argv += shlex.split(args.open_clip_args)
-            _, timing, ckpts = run_open_clip(
-                work, "open_clip_race", oc_argv, 60 * args.minutes, args.threads
-            )
-            epoch_minutes = {
-                e["epoch"]: e["train_seconds"] / 60
-                for e in map(json.loads, timing.read_text().splitlines())
-            }
-            o_points = []
-            for epoch, minutes in sorted(epoch_minutes.items()):
-                path = ckpts / f"epoch_{epoch}.pt"
-                r1 = evaluate_checkpoint(path, race_cfg, args.eval_items)
-                path.unlink()
-                o_points.append((minutes, r1, epoch * args.eval_every))
-                log(f"open_clip epoch {epoch}: {minutes:.2f} min, R@1 {r1:.3f}")
-
-            v_tr = [(t, r) for t, r, _ in v_points]
-            o_tr = [(t, r) for t, r, _ in o_points]
-            v_time, o_time = (
-                minutes_to_reach(v_tr, args.target),
-                minutes_to_reach(o_tr, args.target),
-            )
-            tag = f"{round(100 * args.target):03d}"
-            result.update(
-                {
-                    f"vlpt_minutes_to_r1_{tag}": _round(v_time, 2),
-                    f"open_clip_minutes_to_r1_{tag}": _round(o_time, 2),
-                    "time_ratio": _ratio(v_time, o_time),
-                    "vlpt_best_r1": _round(best_within(v_points, args.minutes), 4),
-                    "open_clip_best_r1": _round(best_within(o_points, args.minutes), 4),
-                    "vlpt_r1_curve": [[round(t, 2), round(r, 4), s] for t, r, s in v_points],
-                    "open_clip_r1_curve": [[round(t, 2), round(r, 4), s] for t, r, s in o_points],
-                }
-            )
-            if v_time is None or o_time is None:
-                result["race_note"] = (
-                    f"R@1 {args.target} not reached within {args.minutes} min by: "
-                    + ", ".join(
-                        n for n, t in (("vlpt", v_time), ("open_clip", o_time)) if t is None
-                    )
-                )
+            race_result, race_cfg_steps = race_to_target(args, work, common)
+            result.update(race_result)
 
         # 3. MFU on the same nominal FLOPs.
         result.update(
