@@ -470,6 +470,39 @@ def measure_throughput(
     )
 
 
+def open_clip_race_points(
+    args: argparse.Namespace, work: Path, race_cfg: Any, race_cfg_steps: int
+) -> list[tuple[float, float, int]]:
+    """open_clip_train in `--eval-every`-step epochs within the budget; (minutes, R@1, step) per epoch,
+    each checkpoint scored by vlpt's evaluator and then deleted."""
+    epochs = math.ceil(race_cfg_steps / args.eval_every)
+    oc_argv = open_clip_args(
+        race_cfg,
+        steps_per_epoch=args.eval_every,
+        epochs=epochs,
+        log_every=10,
+        logs=work / "open_clip_logs",
+        name="open_clip_race",
+    )
+    oc_argv += shlex.split(args.open_clip_args)
+    _, timing, ckpts = run_open_clip(
+        work, "open_clip_race", oc_argv, 60 * args.minutes, args.threads
+    )
+    epoch_minutes = {
+        e["epoch"]: e["train_seconds"] / 60
+        for e in map(json.loads, timing.read_text().splitlines())
+    }
+    o_points = []
+    for epoch, minutes in sorted(epoch_minutes.items()):
+        path = ckpts / f"epoch_{epoch}.pt"
+        r1 = evaluate_checkpoint(path, race_cfg, args.eval_items)
+        path.unlink()
+        o_points.append((minutes, r1, epoch * args.eval_every))
+        log(f"open_clip epoch {epoch}: {minutes:.2f} min, R@1 {r1:.3f}")
+
+    return o_points
+
+
 def race_to_target(
     args: argparse.Namespace, work: Path, common: list[str]
 ) -> tuple[dict[str, Any], int]:
@@ -506,30 +539,7 @@ def race_to_target(
             evaluate_checkpoint(final[-1], race_cfg, args.eval_items), 4
         )
 
-    epochs = math.ceil(race_cfg_steps / args.eval_every)
-    oc_argv = open_clip_args(
-        race_cfg,
-        steps_per_epoch=args.eval_every,
-        epochs=epochs,
-        log_every=10,
-        logs=work / "open_clip_logs",
-        name="open_clip_race",
-    )
-    oc_argv += shlex.split(args.open_clip_args)
-    _, timing, ckpts = run_open_clip(
-        work, "open_clip_race", oc_argv, 60 * args.minutes, args.threads
-    )
-    epoch_minutes = {
-        e["epoch"]: e["train_seconds"] / 60
-        for e in map(json.loads, timing.read_text().splitlines())
-    }
-    o_points = []
-    for epoch, minutes in sorted(epoch_minutes.items()):
-        path = ckpts / f"epoch_{epoch}.pt"
-        r1 = evaluate_checkpoint(path, race_cfg, args.eval_items)
-        path.unlink()
-        o_points.append((minutes, r1, epoch * args.eval_every))
-        log(f"open_clip epoch {epoch}: {minutes:.2f} min, R@1 {r1:.3f}")
+    o_points = open_clip_race_points(args, work, race_cfg, race_cfg_steps)
 
     v_tr = [(t, r) for t, r, _ in v_points]
     o_tr = [(t, r) for t, r, _ in o_points]
@@ -557,6 +567,79 @@ def race_to_target(
     return result, race_cfg_steps
 
 
+def run_settings(
+    args: argparse.Namespace,
+    base_cfg: Any,
+    tp_cfg: Any,
+    race_cfg_steps: int | None,
+    trimmed_len: int,
+    load_start: float,
+    others: list[str],
+) -> dict[str, Any]:
+    """What was compared, and under which conditions (recorded with every result)."""
+    import open_clip
+    import torch
+    import webdataset
+
+    return {
+        "model": f"{base_cfg.model.name} (open_clip: {OPEN_CLIP_NAME})",
+        "train_shards": TRAIN_SHARDS,
+        "val": VAL,
+        "batch_size": tp_cfg.train.batch_size,
+        "workers": tp_cfg.data.workers,
+        "threads": args.threads,
+        "precision": "bf16 autocast (open_clip: amp_bf16)",
+        "lr": tp_cfg.train.lr,
+        "warmup_steps": tp_cfg.train.warmup_steps,
+        "weight_decay": tp_cfg.train.weight_decay,
+        "betas": list(tp_cfg.train.betas),
+        "eps": tp_cfg.train.eps,
+        "grad_clip": tp_cfg.train.grad_clip,
+        "throughput_steps": args.steps,
+        "throughput_discarded_steps": args.discard,
+        "race_budget_minutes": args.minutes,
+        "race_eval_every_steps": args.eval_every,
+        "race_schedule_steps": None if args.no_race else race_cfg_steps,
+        "race_vlpt_overrides": args.vlpt_set,
+        "race_open_clip_args": args.open_clip_args,
+        "eval_items": args.eval_items,
+        "target_r1": args.target,
+        "trimmed_context_length": trimmed_len,
+        "quick": args.quick,
+        "load_avg_1min_start": round(load_start, 2),
+        "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        "other_processes": others,
+        "other_processes_end": _other_trainers(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "webdataset": getattr(webdataset, "__version__", "?"),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def measure_flops(args: argparse.Namespace, base_cfg: Any) -> tuple[float, float, int, float]:
+    """GFLOP per training sample (nominal and at vlpt's trimmed caption length), the trimmed
+    length, and the machine's bf16 matmul peak in GFLOP/s."""
+    import torch
+    from matmul_peak import peak_gflops
+
+    from vlpt.models import build_model, get_tokenizer
+    from vlpt.train.plan import flops_per_sample
+
+    model = build_model(base_cfg.model.name)
+    gflops = flops_per_sample(model, model.image_size, model.context_length) / 1e9
+    tokenizer = get_tokenizer(base_cfg.model.name)
+    trimmed_len = trimmed_context_length(tokenizer, base_cfg.train.batch_size)
+    trimmed_gflops = flops_per_sample(model, model.image_size, trimmed_len) / 1e9
+    del model
+    peak = peak_gflops(torch.bfloat16, 1024, seconds=1.0 if args.quick else 3.0)
+    log(
+        f"{gflops:.3f} GFLOP per training sample (nominal; {trimmed_gflops:.3f} at vlpt's trimmed caption length "
+        f"{trimmed_len}), bf16 matmul peak {peak:.0f} GFLOP/s"
+    )
+    return gflops, trimmed_gflops, trimmed_len, peak
+
+
 def main() -> None:
     args = _parse_args()
     if args.quick:
@@ -567,11 +650,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from matmul_peak import peak_gflops
 
     from vlpt.config import load_config
-    from vlpt.models import build_model, get_tokenizer
-    from vlpt.train.plan import flops_per_sample
 
     others = _other_trainers()
     load_start = os.getloadavg()[0]
@@ -586,17 +666,7 @@ def main() -> None:
 
         # 3. FLOPs and the machine's peak, measured first, before any subprocess exists.
         base_cfg = load_config(REPO / CONFIG, [f"train.threads={args.threads}"])
-        model = build_model(base_cfg.model.name)
-        gflops = flops_per_sample(model, model.image_size, model.context_length) / 1e9
-        tokenizer = get_tokenizer(base_cfg.model.name)
-        trimmed_len = trimmed_context_length(tokenizer, base_cfg.train.batch_size)
-        trimmed_gflops = flops_per_sample(model, model.image_size, trimmed_len) / 1e9
-        del model
-        peak = peak_gflops(torch.bfloat16, 1024, seconds=1.0 if args.quick else 3.0)
-        log(
-            f"{gflops:.3f} GFLOP per training sample (nominal; {trimmed_gflops:.3f} at vlpt's trimmed caption length "
-            f"{trimmed_len}), bf16 matmul peak {peak:.0f} GFLOP/s"
-        )
+        gflops, trimmed_gflops, trimmed_len, peak = measure_flops(args, base_cfg)
 
         result: dict[str, Any] = {"bench": "train_vs_open_clip"}
 
@@ -616,7 +686,6 @@ def main() -> None:
             f"train.log_every={max(1, args.discard)}",
         ]
         tp_cfg = load_config(REPO / CONFIG, tp_overrides)
-        batch = tp_cfg.train.batch_size
         if not args.no_throughput:
             result.update(measure_throughput(args, work, tp_cfg, tp_overrides))
 
@@ -636,43 +705,9 @@ def main() -> None:
             result["vlpt_mfu"] = round(gflops * result["vlpt_samples_per_s"] / peak, 4)
             result["open_clip_mfu"] = round(gflops * result["open_clip_samples_per_s"] / peak, 4)
 
-        import open_clip
-        import webdataset
-
-        result["settings"] = {
-            "model": f"{base_cfg.model.name} (open_clip: {OPEN_CLIP_NAME})",
-            "train_shards": TRAIN_SHARDS,
-            "val": VAL,
-            "batch_size": batch,
-            "workers": tp_cfg.data.workers,
-            "threads": args.threads,
-            "precision": "bf16 autocast (open_clip: amp_bf16)",
-            "lr": tp_cfg.train.lr,
-            "warmup_steps": tp_cfg.train.warmup_steps,
-            "weight_decay": tp_cfg.train.weight_decay,
-            "betas": list(tp_cfg.train.betas),
-            "eps": tp_cfg.train.eps,
-            "grad_clip": tp_cfg.train.grad_clip,
-            "throughput_steps": args.steps,
-            "throughput_discarded_steps": args.discard,
-            "race_budget_minutes": args.minutes,
-            "race_eval_every_steps": args.eval_every,
-            "race_schedule_steps": None if args.no_race else race_cfg_steps,
-            "race_vlpt_overrides": args.vlpt_set,
-            "race_open_clip_args": args.open_clip_args,
-            "eval_items": args.eval_items,
-            "target_r1": args.target,
-            "trimmed_context_length": trimmed_len,
-            "quick": args.quick,
-            "load_avg_1min_start": round(load_start, 2),
-            "load_avg_1min_end": round(os.getloadavg()[0], 2),
-            "other_processes": others,
-            "other_processes_end": _other_trainers(),
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-            "webdataset": getattr(webdataset, "__version__", "?"),
-            "cpu_count": os.cpu_count(),
-        }
+        result["settings"] = run_settings(
+            args, base_cfg, tp_cfg, race_cfg_steps, trimmed_len, load_start, others
+        )
     print(json.dumps(result))
 
 
