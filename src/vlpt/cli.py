@@ -45,6 +45,42 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def cmd_convert_karpathy(args: argparse.Namespace) -> None:
+    from vlpt.data.convert import convert_karpathy
+
+    summary = convert_karpathy(
+        args.annotations,
+        args.images,
+        args.out_dir,
+        splits=args.split,
+        restval_into_train=args.restval_into_train,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+    )
+    _print_conversion(summary)
+
+
+def cmd_convert_msrvtt(args: argparse.Namespace) -> None:
+    from vlpt.data.convert import convert_msrvtt
+
+    summary = convert_msrvtt(
+        args.annotations,
+        args.videos,
+        args.out_dir,
+        splits=args.split,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+    )
+    _print_conversion(summary)
+
+
+def _print_conversion(summary: dict) -> None:
+    """The summary as one JSON line on stdout; what was skipped, with examples, on stderr."""
+    print(json.dumps(summary))
+    if summary["skipped"]:
+        print(f"vlpt: {summary['report']}", file=sys.stderr)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from vlpt.config import load_config
 
@@ -129,6 +165,55 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_synth)
+
+    convert = data.add_parser(
+        "convert", help="write an evaluation set as WebDataset shards (all captions per item)"
+    ).add_subparsers(dest="convert_command", required=True)
+    karpathy = convert.add_parser(
+        "karpathy", help="COCO / Flickr30k images with Karpathy's splits (dataset_coco.json ...)"
+    )
+    karpathy.add_argument("out_dir", help="output folder; gets one folder per split")
+    karpathy.add_argument(
+        "--annotations", required=True, help="dataset_coco.json or dataset_flickr30k.json"
+    )
+    karpathy.add_argument(
+        "--images",
+        required=True,
+        help="image folder: COCO's root holding train2014/ and val2014/, or flickr30k-images/",
+    )
+    karpathy.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "val", "test", "restval"],
+        help="split to write, repeatable (default: every split in the file)",
+    )
+    karpathy.add_argument(
+        "--restval-into-train", action="store_true", help="write restval images into train"
+    )
+    karpathy.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    karpathy.add_argument("--quiet", action="store_true", help="no progress bar")
+    karpathy.set_defaults(func=cmd_convert_karpathy)
+    msrvtt = convert.add_parser("msrvtt", help="MSR-VTT videos (official splits and 1k-A test)")
+    msrvtt.add_argument("out_dir", help="output folder; gets one folder per split")
+    msrvtt.add_argument(
+        "--annotations",
+        required=True,
+        action="append",
+        help="train_val_videodatainfo.json, test_videodatainfo.json, MSRVTT_data.json or "
+        "MSRVTT_JSFUSION_test.csv; repeatable",
+    )
+    msrvtt.add_argument(
+        "--videos", required=True, action="append", help="folder of video0.mp4 ...; repeatable"
+    )
+    msrvtt.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "val", "test", "test1k"],
+        help="split to write, repeatable (default: every split the annotations have)",
+    )
+    msrvtt.add_argument("--shard-size", type=int, default=100, help="videos per shard")
+    msrvtt.add_argument("--quiet", action="store_true", help="no progress bar")
+    msrvtt.set_defaults(func=cmd_convert_msrvtt)
 
     pre = sub.add_parser("pretrain", help="pretrain from a config file + key=value overrides")
     pre.add_argument("config", help="YAML config, e.g. configs/pretrain/synthetic-tiny.yaml")
