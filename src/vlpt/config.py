@@ -75,6 +75,9 @@ class DataConfig(_Strict):
     """Random-resized-crop area range for training images."""
     max_image_pixels: int = 64_000_000
     """Images larger than this (width*height) are skipped as decompression bombs."""
+    num_frames: int = 8
+    """Frames per video clip: one from each of this many equal segments of the clip (a random
+    frame in training, the middle one in evaluation). Image samples stay single frames."""
     seed: int = 0
     """Seed for shard order and shuffling."""
 
@@ -89,6 +92,13 @@ class DataConfig(_Strict):
             raise ValueError("must be >= 0")
         return v
 
+    @field_validator("num_frames")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
 
 class ModelConfig(_Strict):
     """Which architecture to build and where its weights come from."""
@@ -101,6 +111,10 @@ class ModelConfig(_Strict):
     """FLIP: fraction of image patches dropped during training (0 disables)."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    temporal: Literal["", "mean", "transformer"] = ""
+    """Temporal module for clips: `transformer` (temporal positions + a small Transformer over
+    frame embeddings), `mean` (order-blind pooling, the baseline), or "" for the architecture's
+    own choice (none for image models, which then mean-pool clips)."""
 
 
 class LossConfig(_Strict):

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import vlpt
-from vlpt.models import VisionLanguageModel, build_model
+from vlpt.models import VisionLanguageModel
+from vlpt.train.build import model_from_config
 
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "version.json")
 
@@ -189,6 +190,6 @@ def load_trained_model(path: str | Path) -> tuple[VisionLanguageModel, Any]:
             )
         path = newest
     cfg = load_config(path / "config.yaml", model=RunConfig)
-    model = build_model(cfg.model.name)
+    model = model_from_config(cfg.model, pretrained=False)
     model.load_state_dict(load_weights(path))
     return model.eval(), cfg

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from vlpt.config import RunConfig, dump_config
 from vlpt.data import build_train_loader
-from vlpt.models import VisionLanguageModel, build_model, get_tokenizer
+from vlpt.models import VisionLanguageModel, get_tokenizer
 from vlpt.objectives import build_objectives
 from vlpt.train import checkpoint as ckpt
+from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
 from vlpt.train.metrics import MetricsLogger, NullLogger
@@ -145,9 +146,7 @@ def _build(
     cfg: RunConfig, dist_info: DistInfo
 ) -> tuple[VisionLanguageModel, Any, nn.ModuleList, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
-    model = build_model(
-        cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained
-    )
+    model = model_from_config(cfg.model)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # Only SigLIP uses the logit bias; a parameter without gradient would stall DDP's reducer.

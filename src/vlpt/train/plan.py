@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlpt.config import RunConfig
 from vlpt.data import check_source
-from vlpt.models import build_model
+from vlpt.train.build import model_from_config
 
 
 def flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int) -> float:
@@ -34,9 +34,7 @@ def make_plan(cfg: RunConfig, world_size: int = 0) -> dict[str, Any]:
     for split in ("train", "val", "test"):
         for source in getattr(cfg.data, split):
             sources.append({"split": split, "weight": source.weight, **check_source(source)})
-    model = build_model(
-        cfg.model.name, patch_dropout=cfg.model.patch_dropout, pretrained=cfg.model.pretrained
-    )
+    model = model_from_config(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
     gflops = flops_per_sample(model, model.image_size, model.context_length) / 1e9
     global_batch = cfg.train.batch_size * cfg.train.accum_steps * world_size
