@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from vlpt.models import (
     UnknownModelError,
+    VisionLanguageModel,
     WeightsError,
     build_model,
     get_model_config,
@@ -125,3 +126,49 @@ def test_custom_architecture_file(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(cfg))
     assert len(build_model(str(path)).text.transformer.resblocks) == 1
+
+
+def test_conv_stem_replaces_the_patchify_conv():
+    model = build_model("tiny-conv").eval()
+    assert not isinstance(model.visual.conv1, torch.nn.Conv2d)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 192)
+    cfg = get_model_config("tiny-conv")
+    cfg["vision_cfg"]["stem_channels"] = [32, 64]  # patch 8 needs three halvings
+    with pytest.raises(ValueError, match="one entry per halving"):
+        VisionLanguageModel(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+
+
+@pytest.mark.parametrize("kind", ["mean", "transformer"])
+def test_clips_go_through_the_temporal_module(kind):
+    torch.manual_seed(0)
+    model = build_model("tiny", temporal=kind).eval()
+    if model.temporal is not None and model.temporal.position is not None:
+        torch.nn.init.normal_(model.temporal.position, std=1.0)  # make order matter at init
+    clips = torch.randn(2, 4, 3, 64, 64)
+    with torch.no_grad():
+        forward, backward = model.encode_image(clips), model.encode_image(clips.flip(1))
+        still = model.encode_image(clips[:, 0])  # an image is a one-frame clip
+        one_frame = model.encode_image(clips[:, :1])
+    assert forward.shape == (2, 192)
+    torch.testing.assert_close(still, one_frame)
+    if kind == "mean":
+        torch.testing.assert_close(forward, backward)  # order-blind by construction
+    else:
+        assert (forward - backward).abs().max() > 1e-3
+
+
+def test_image_model_mean_pools_clips_and_rejects_long_clips():
+    model = build_model("tiny").eval()
+    assert model.temporal is None
+    clips = torch.randn(1, 3, 3, 64, 64)
+    with torch.no_grad():
+        frames = torch.stack(
+            [model.encode_image(clips[:, t], normalize=False) for t in range(3)], 1
+        )
+        torch.testing.assert_close(
+            model.encode_image(clips), torch.nn.functional.normalize(frames.mean(1), dim=-1)
+        )
+    long_clip = build_model("tiny", temporal="transformer").eval()
+    with pytest.raises(ValueError, match="longer than the temporal module"):
+        long_clip.encode_image(torch.randn(1, 33, 3, 64, 64))
