@@ -119,8 +119,18 @@ def _run_eval(args: argparse.Namespace, evaluate: Callable[..., dict], **extra: 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from vlpt.eval import evaluate_retrieval
+    from vlpt.eval.rerank import evaluate_retrieval_reranked
 
-    _run_eval(args, evaluate_retrieval)
+    if args.rerank_k:
+        _run_eval(args, evaluate_retrieval_reranked, rerank_k=args.rerank_k)
+    else:
+        _run_eval(args, evaluate_retrieval)
+
+
+def cmd_eval_mlm(args: argparse.Namespace) -> None:
+    from vlpt.eval.masked import evaluate_mlm
+
+    _run_eval(args, evaluate_mlm)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (
         ("retrieval", cmd_eval_retrieval, "text<->image recall@1/5/10, multi-caption protocol"),
         ("zeroshot", cmd_eval_zeroshot, "zero-shot classification of synthetic-world attributes"),
+        ("mlm", cmd_eval_mlm, "masked-token accuracy of the MLM head, real vs shuffled image"),
     ):
         p = ev.add_parser(name, help=helptext)
         p.add_argument(
@@ -251,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
         if name == "zeroshot":
             p.add_argument("--task", default="shape", choices=["shape", "colour"])
+        if name == "retrieval":
+            p.add_argument(
+                "--rerank-k",
+                type=int,
+                default=0,
+                help="re-score each query's contrastive top K with the ITM head (0 = off)",
+            )
         p.set_defaults(func=func)
 
     models = sub.add_parser("models", help="list the registered model architectures")

@@ -109,12 +109,29 @@ class ModelConfig(_Strict):
     """Optional open_clip checkpoint file (.pt/.bin/.safetensors) to initialise from."""
     patch_dropout: float = 0.0
     """FLIP: fraction of image patches dropped during training (0 disables)."""
+    unmasked_tuning: float = 0.0
+    """FLIP's unmasked tuning phase: train the last steps with patch dropout off. A value >= 1
+    is a number of steps, one in (0, 1) a fraction of train.max_steps; 0 = no such phase."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     temporal: Literal["", "mean", "transformer"] = ""
     """Temporal module for clips: `transformer` (temporal positions + a small Transformer over
     frame embeddings), `mean` (order-blind pooling, the baseline), or "" for the architecture's
     own choice (none for image models, which then mean-pool clips)."""
+
+    @field_validator("patch_dropout")
+    @classmethod
+    def _dropout_fraction(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be >= 0 and < 1")
+        return v
+
+    @field_validator("unmasked_tuning")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
 
 class LossConfig(_Strict):
@@ -126,6 +143,55 @@ class LossConfig(_Strict):
     """Weight of this loss in the total."""
     local_loss: bool = False
     """CLIP only: compute logits of the local batch against all gathered features (saves memory)."""
+
+
+def _open_unit_interval(v: float) -> float:
+    if not 0 < v < 1:
+        raise ValueError("must be a fraction strictly between 0 and 1")
+    return v
+
+
+class MLMConfig(_Strict):
+    """Masked language modelling of the caption through the fusion encoder (BERT 80/10/10)."""
+
+    enabled: bool = False
+    """Train with this objective (the model needs a fusion encoder: "fusion_cfg")."""
+    weight: float = 1.0
+    """Weight of `loss/mlm` in the total."""
+    mask_ratio: float = 0.15
+    """Fraction of each caption's word tokens selected for prediction (at least one)."""
+
+    _ratio = field_validator("mask_ratio")(classmethod(lambda cls, v: _open_unit_interval(v)))
+
+
+class ITMConfig(_Strict):
+    """Image-text matching through the fusion encoder, hard negatives from the batch."""
+
+    enabled: bool = False
+    """Train with this objective (the model needs a fusion encoder: "fusion_cfg")."""
+    weight: float = 1.0
+    """Weight of `loss/itm` in the total."""
+
+
+class MIMConfig(_Strict):
+    """MAE-style masked image (video: tube) modelling with the model's pixel decoder."""
+
+    enabled: bool = False
+    """Train with this objective (the model needs an MAE decoder: "mae_cfg")."""
+    weight: float = 1.0
+    """Weight of `loss/mim` in the total."""
+    mask_ratio: float = 0.75
+    """Fraction of each image's patches hidden from the encoder."""
+
+    _ratio = field_validator("mask_ratio")(classmethod(lambda cls, v: _open_unit_interval(v)))
+
+
+class ObjectivesConfig(_Strict):
+    """Objectives trained beside the contrastive loss (`loss`), each switchable and weighted."""
+
+    mlm: MLMConfig = MLMConfig()
+    itm: ITMConfig = ITMConfig()
+    mim: MIMConfig = MIMConfig()
 
 
 class TrainConfig(_Strict):
@@ -196,6 +262,16 @@ class EvalConfig(_Strict):
     """Evaluate on at most this many val items (all captions of each are queries)."""
     zeroshot: list[str] = ["shape", "colour"]
     """Zero-shot classification tasks to report (synthetic world attributes)."""
+    rerank_k: int = 0
+    """Also report retrieval re-ranked by the ITM head over the contrastive top k (`{split}/
+    rerank/...`; needs a fusion encoder); 0 = off."""
+
+    @field_validator("rerank_k")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
 
 class RunConfig(_Strict):
@@ -208,6 +284,7 @@ class RunConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -15,6 +15,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _buil
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from vlpt.models.fusion import FusionEncoder
+from vlpt.models.mae import MAEDecoder
 from vlpt.models.registry import get_model_config
 from vlpt.models.temporal import TemporalConfig, TemporalModule
 
@@ -37,6 +39,8 @@ class VisionLanguageModel(nn.Module):
         temporal_cfg: dict[str, Any] | None = None,
         init_logit_scale: float = math.log(1 / 0.07),
         init_logit_bias: float = -10.0,
+        fusion_cfg: dict[str, Any] | None = None,
+        mae_cfg: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         vision_cfg = dict(vision_cfg)
@@ -59,6 +63,39 @@ class VisionLanguageModel(nn.Module):
         self.image_size = int(vcfg.image_size)
         self.context_length = int(tcfg.context_length)
         self.image_mean, self.image_std = OPENAI_MEAN, OPENAI_STD
+        # Optional heads for the masked objectives (registry keys "fusion_cfg", "mae_cfg"); the
+        # tower sizes they must agree with are filled in from the towers.
+        self.fusion: FusionEncoder | None = None
+        if fusion_cfg is not None:
+            if fusion_cfg.get("width", tcfg.width) != tcfg.width:
+                raise ValueError(
+                    f"fusion_cfg.width ({fusion_cfg['width']}) must equal text_cfg.width "
+                    f"({tcfg.width}): the fusion encoder shares the text token embeddings."
+                )
+            self.fusion = FusionEncoder(
+                {
+                    "width": tcfg.width,
+                    "visual_width": vcfg.width,
+                    "context_length": tcfg.context_length,
+                    "vocab_size": tcfg.vocab_size,
+                    **fusion_cfg,
+                }
+            )
+        self.mae_decoder: MAEDecoder | None = None
+        if mae_cfg is not None:
+            sizes = {"visual_width": vcfg.width, "image_size": self.image_size}
+            self.mae_decoder = MAEDecoder({**sizes, "patch_size": vcfg.patch_size, **mae_cfg})
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The optional heads this model has, by the name an objective asks for them with."""
+        found: dict[str, nn.Module] = {}
+        if self.fusion is not None:
+            found.update(
+                fusion=self.fusion, mlm_head=self.fusion.mlm_head, itm_head=self.fusion.itm_head
+            )
+        if self.mae_decoder is not None:
+            found["mae_decoder"] = self.mae_decoder
+        return found
 
     def set_patch_dropout(self, ratio: float) -> None:
         """FLIP: drop this fraction of patch tokens in training (0 turns it off)."""
@@ -105,13 +142,75 @@ class VisionLanguageModel(nn.Module):
             pooled = pooled @ tower.text_projection
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "image_features": self.encode_image(images),  # (B, D)
-            "text_features": self.encode_text(tokens),  # (B, D)
-            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
-            "logit_bias": self.logit_bias,
-        }
+    def encode_image_with_tokens(
+        self, images: torch.Tensor, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the image tower giving `encode_image`'s embeddings (B, D) and the visual
+        tokens (B, 1 + N, W): every output token (CLS first) after `ln_post`, before pooling and
+        projection; a clip (B, T, 3, H, W) gives its frames' tokens one after the other,
+        (B, T * (1 + N), W). Patch dropout, when active, leaves fewer tokens.
+
+        Written out (open_clip's `output_tokens=True` drops the CLS token and changes the
+        tower's return type) for the standard tower: no attention pooling, `ln_post` on all
+        tokens before pooling, which every registered architecture uses."""
+        clip = images.ndim == 5
+        frames = images.flatten(0, 1) if clip else images
+        tower = self.visual
+        tokens = tower.ln_post(tower.transformer(tower._embeds(frames)))  # (B*T, 1 + N, W)
+        pooled, _ = tower._global_pool(tokens)
+        if tower.proj is not None:
+            pooled = pooled @ tower.proj  # (B*T, D)
+        if clip:
+            batch, n_frames = images.shape[:2]
+            per_frame = pooled.unflatten(0, (batch, n_frames))
+            pooled = self.temporal(per_frame) if self.temporal is not None else per_frame.mean(1)
+            tokens = tokens.unflatten(0, (batch, n_frames)).flatten(1, 2)
+        elif self.temporal is not None:
+            pooled = self.temporal(pooled.unsqueeze(1))
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), tokens
+
+    def encode_visible_patches(self, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """MAE encoder pass: (B, 3, H, W) frames, `keep` (B, K) patch indices -> (B, 1 + K, W)
+        tokens after `ln_post`. Only the kept patches (and CLS) enter the Transformer."""
+        tower = self.visual
+        x = tower.conv1(frames).flatten(2).transpose(1, 2)  # (B, N, W)
+        pos = tower.positional_embedding.to(x.dtype)
+        x = (x + pos[1:]).gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, W)
+        cls = (tower.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        x = tower.ln_pre(torch.cat([cls, x], dim=1))
+        return tower.ln_post(tower.transformer(x))
+
+    def fuse(self, tokens: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Fusion encoder: (B, L) tokens (mask id allowed) x (B, N, W) visual -> (B, L, W)."""
+        if self.fusion is None:
+            raise ValueError("this model has no fusion encoder (no fusion_cfg in its config).")
+        return self.fusion(tokens, visual_tokens, self.text.token_embedding)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Fused states at masked positions (n, W) -> vocabulary logits (n, V)."""
+        assert self.fusion is not None
+        return self.fusion.mlm_head(hidden, self.text.token_embedding)
+
+    def itm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Fused states (B, L, W) -> (B, 2) logits of [no match, match], from the first token."""
+        assert self.fusion is not None
+        return self.fusion.itm_head(hidden[:, 0])
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, needs: frozenset[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
+        """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W)."""
+        outputs: dict[str, torch.Tensor] = {}
+        if "visual_tokens" in needs:
+            outputs["image_features"], outputs["visual_tokens"] = self.encode_image_with_tokens(
+                images
+            )
+        else:
+            outputs["image_features"] = self.encode_image(images)  # (B, D)
+        outputs["text_features"] = self.encode_text(tokens)  # (B, D)
+        outputs["logit_scale"] = self.logit_scale.exp().clamp(max=100.0)
+        outputs["logit_bias"] = self.logit_bias
+        return outputs
 
 
 class ConvStem(nn.Sequential):
@@ -152,7 +251,8 @@ def build_model(
     temporal_cfg = cfg.get("temporal_cfg")
     if temporal:
         temporal_cfg = {**(temporal_cfg or {}), "kind": temporal}
-    extra = {k: cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in cfg}
+    keys = ("init_logit_scale", "init_logit_bias", "fusion_cfg", "mae_cfg")
+    extra = {k: cfg[k] for k in keys if k in cfg}
     model = VisionLanguageModel(
         cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], temporal_cfg, **extra
     )

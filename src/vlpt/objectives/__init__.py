@@ -1,21 +1,31 @@
 """Training objectives: each an `nn.Module` mapping the model's outputs to named losses/metrics.
 
-`forward(outputs) -> dict`: keys starting with `loss/` are weighted losses the loop sums; all
-other keys are detached metrics for logging. Cross-rank communication lives inside each
-objective, so the loop knows no objective by name.
+`forward(outputs, model=None, batch=None) -> dict`: keys starting with `loss/` are weighted
+losses the loop sums; all other keys are detached metrics for logging. An objective declares
+`needs` (extra model outputs, e.g. `visual_tokens`) and `heads` (the model heads it trains);
+the objectives that run extra passes (fusion encoder, MAE decoder) call the model they are
+given. Cross-rank communication lives inside each objective, so the loop knows no objective by
+name: it calls `ModelWithObjectives(model, objectives)(batch)`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from vlpt.config import RunConfig
+from vlpt.config import ConfigError, RunConfig
+from vlpt.models import VisionLanguageModel
 from vlpt.objectives.contrastive import ClipLoss, SigLipLoss
 from vlpt.objectives.gather import all_gather_with_grad, rank_and_world_size
+from vlpt.objectives.itm import ImageTextMatching, sample_hard_negatives
+from vlpt.objectives.mim import MaskedImageModeling, masked_reconstruction
+from vlpt.objectives.mlm import MaskedLanguageModeling, mask_tokens
+from vlpt.objectives.stack import ModelWithObjectives
 
 
-def build_objectives(cfg: RunConfig) -> nn.ModuleList:
-    """The objectives a run trains with, from `cfg.loss` (name clip|siglip, weight, local_loss)."""
+def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -> nn.ModuleList:
+    """The objectives a run trains with: the contrastive loss of `cfg.loss` (clip|siglip) and
+    every enabled entry of `cfg.objectives`. Given the `model`, an enabled objective whose head
+    the model lacks is a ConfigError naming both."""
     loss = cfg.loss
     if loss.name == "clip":
         contrastive: nn.Module = ClipLoss(weight=loss.weight, local_loss=loss.local_loss)
@@ -23,13 +33,46 @@ def build_objectives(cfg: RunConfig) -> nn.ModuleList:
         contrastive = SigLipLoss(weight=loss.weight)
     else:  # unreachable through RunConfig validation; kept for configs built by hand
         raise ValueError(f"loss.name '{loss.name}' is unknown; use 'clip' or 'siglip'.")
-    return nn.ModuleList([contrastive])
+    objectives = [contrastive]
+    masked = cfg.objectives
+    enabled: dict[str, nn.Module] = {}
+    if masked.mlm.enabled:
+        enabled["mlm"] = MaskedLanguageModeling(masked.mlm.weight, masked.mlm.mask_ratio)
+    if masked.itm.enabled:
+        enabled["itm"] = ImageTextMatching(masked.itm.weight)
+    if masked.mim.enabled:
+        enabled["mim"] = MaskedImageModeling(masked.mim.weight, masked.mim.mask_ratio)
+    for key, objective in enabled.items():
+        if model is not None:
+            _check_heads(f"objectives.{key}", objective, model, cfg.model.name)
+        objectives.append(objective)
+    return nn.ModuleList(objectives)
+
+
+def _check_heads(
+    key: str, objective: nn.Module, model: VisionLanguageModel, model_name: str
+) -> None:
+    missing = [h for h in getattr(objective, "heads", ()) if h not in model.heads()]
+    if missing:
+        entry = "mae_cfg" if "mae_decoder" in missing else "fusion_cfg"
+        raise ConfigError(
+            f"config enables {key}, but model '{model_name}' has no {missing[-1]} (its JSON has "
+            f'no "{entry}"); use a model with that head, e.g. model.name=tiny-masked, or set '
+            f"{key}.enabled=false."
+        )
 
 
 __all__ = [
     "ClipLoss",
+    "ImageTextMatching",
+    "MaskedImageModeling",
+    "MaskedLanguageModeling",
+    "ModelWithObjectives",
     "SigLipLoss",
     "all_gather_with_grad",
     "build_objectives",
+    "mask_tokens",
+    "masked_reconstruction",
     "rank_and_world_size",
+    "sample_hard_negatives",
 ]

@@ -36,6 +36,9 @@ class ClipLoss(nn.Module):
     labels offset by rank; the average over ranks is the global loss, at 1/world the memory.
     """
 
+    needs: frozenset[str] = frozenset()
+    heads: tuple[str, ...] = ()
+
     def __init__(self, weight: float = 1.0, local_loss: bool = False) -> None:
         super().__init__()
         self.weight = weight
@@ -49,7 +52,9 @@ class ClipLoss(nn.Module):
             self._labels[key] = torch.arange(size, device=device) + offset
         return self._labels[key]
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], model=None, batch=None
+    ) -> dict[str, torch.Tensor]:
         with torch.autocast(outputs["image_features"].device.type, enabled=False):
             image, text, scale = _fp32(outputs, "image_features", "text_features", "logit_scale")
             rank, _ = rank_and_world_size()
@@ -81,6 +86,9 @@ class SigLipLoss(nn.Module):
     are no larger than CLIP's local loss.
     """
 
+    needs: frozenset[str] = frozenset()
+    heads: tuple[str, ...] = ()
+
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = weight
@@ -95,7 +103,9 @@ class SigLipLoss(nn.Module):
             self._signs[key] = signs
         return self._signs[key]
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], model=None, batch=None
+    ) -> dict[str, torch.Tensor]:
         with torch.autocast(outputs["image_features"].device.type, enabled=False):
             image, text = _fp32(outputs, "image_features", "text_features")  # (B, D)
             scale, bias = _fp32(outputs, "logit_scale", "logit_bias")  # ()

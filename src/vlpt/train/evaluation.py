@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlpt.config import RunConfig
 from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics
+from vlpt.eval.masked import embed_with_visual_tokens, evaluate_mim, mlm_metrics
+from vlpt.eval.rerank import itm_hard_negative_accuracy, reranked_retrieval_metrics
 
 
 def evaluate_run(
-    model, tokenizer, cfg: RunConfig, device: torch.device, splits: tuple[str, ...] = ("val",)
+    model,
+    tokenizer,
+    cfg: RunConfig,
+    device: torch.device,
+    splits: tuple[str, ...] = ("val",),
+    step: int | None = None,
 ) -> dict[str, Any]:
-    """Flat dict `{split}/{metric}` for every configured split that has sources."""
+    """Flat dict `{split}/{metric}` for every configured split that has sources; `step` names
+    the reconstruction PNG of a run with masked image modelling."""
     results: dict[str, Any] = {}
     for split in splits:
         sources = getattr(cfg.data, split)
@@ -35,5 +44,52 @@ def evaluate_run(
                     model, tokenizer, sources, task=tuple(cfg.eval.zeroshot), embeddings=emb
                 )
             )
+        metrics.update(_masked_head_metrics(model, tokenizer, cfg, sources, device, split, step))
         results.update({f"{split}/{k}": v for k, v in metrics.items()})
     return results
+
+
+def _masked_head_metrics(
+    model, tokenizer, cfg: RunConfig, sources, device, split: str, step: int | None
+) -> dict[str, Any]:
+    """MLM accuracies, ITM hard-negative accuracy and re-ranked retrieval (`rerank/...`), MIM
+    loss (and its PNG grid for val, in OUTPUT_DIR/mim/), for the heads the run trains."""
+    masked = cfg.objectives
+    common: dict[str, Any] = {"batch_size": cfg.eval.batch_size, "precision": cfg.train.precision}
+    frames: dict[str, Any] = {"num_frames": cfg.data.num_frames}
+    metrics: dict[str, Any] = {}
+    if masked.mlm.enabled or masked.itm.enabled or cfg.eval.rerank_k:
+        data = embed_with_visual_tokens(
+            model,
+            tokenizer,
+            sources,
+            max_items=cfg.eval.max_items,
+            device=device,
+            **common,
+            **frames,
+        )
+        if masked.mlm.enabled:
+            metrics.update(mlm_metrics(model, tokenizer, data, **common))
+        if masked.itm.enabled:
+            metrics["itm_acc"] = itm_hard_negative_accuracy(model, tokenizer, data, **common)
+        if cfg.eval.rerank_k:
+            reranked = reranked_retrieval_metrics(
+                model, tokenizer, data, cfg.eval.rerank_k, **common
+            )
+            metrics.update({f"rerank/{k}": v for k, v in reranked.items() if "_r" in k})
+    if masked.mim.enabled:
+        name = f"{split}_step_{step:08d}.png" if step is not None else f"{split}.png"
+        png = Path(cfg.output_dir) / "mim" / name if split == "val" else None
+        metrics.update(
+            evaluate_mim(
+                model,
+                sources,
+                max_items=cfg.eval.max_items,
+                device=device,
+                mask_ratio=masked.mim.mask_ratio,
+                png_path=png,
+                **common,
+                **frames,
+            )
+        )
+    return metrics

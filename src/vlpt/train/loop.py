@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vlpt.config import RunConfig, dump_config
 from vlpt.data import build_train_loader
 from vlpt.models import VisionLanguageModel, get_tokenizer
-from vlpt.objectives import build_objectives
+from vlpt.objectives import ModelWithObjectives, build_objectives
 from vlpt.train import checkpoint as ckpt
 from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
@@ -83,19 +83,23 @@ def attention_backends(choice: str, device: torch.device) -> list[SDPBackend]:
 
 def train_step(
     model: nn.Module,
-    objectives: nn.ModuleList,
     optimizer: torch.optim.Optimizer,
     micro_batches: list[dict[str, torch.Tensor]],
     cfg: RunConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Forward, backward and update on `accum_steps` micro-batches; returns detached metrics."""
+    """Forward, backward and update on `accum_steps` micro-batches; returns detached metrics.
+
+    `model` is the `ModelWithObjectives` (possibly compiled / DDP-wrapped): given a batch it
+    returns the weighted `loss/*` terms, which are summed here, and metrics."""
     optimizer.zero_grad(set_to_none=True)
     logged: defaultdict[str, float] = defaultdict(float)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
-        images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
-        tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
+        inputs = {
+            "image": batch["image"].to(device, non_blocking=True),  # (B, 3, H, W) / (B, T, 3, H, W)
+            "text": batch["text"].to(device, non_blocking=True),  # (B, L)
+        }
         # Gradients are all-reduced only on the last micro-batch of the step.
         last = i == n - 1
         sync = (
@@ -104,13 +108,9 @@ def train_step(
             else contextlib.nullcontext()
         )
         with sync:
+            # Objectives compute their losses in fp32 themselves (autocast off inside).
             with compute_context(cfg, device):
-                outputs = model(images, tokens)
-            # Losses in fp32: similarities of normalised bf16 features lose the fine margins.
-            outputs = {k: v.float() for k, v in outputs.items()}
-            terms: dict[str, torch.Tensor] = {}
-            for objective in objectives:
-                terms.update(objective(outputs))
+                terms = model(inputs)
             loss = torch.stack([v for k, v in terms.items() if k.startswith("loss/")]).sum()
             (loss / n).backward()
         for key, value in terms.items():
@@ -144,7 +144,7 @@ def _segment_seed(cfg: RunConfig, step: int, rank: int) -> int:
 
 def _build(
     cfg: RunConfig, dist_info: DistInfo
-) -> tuple[VisionLanguageModel, Any, nn.ModuleList, torch.optim.Optimizer]:
+) -> tuple[VisionLanguageModel, Any, ModelWithObjectives, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
     model = model_from_config(cfg.model)
     if cfg.model.grad_checkpointing:
@@ -153,9 +153,17 @@ def _build(
     model.logit_bias.requires_grad_(cfg.loss.name == "siglip")
     model.to(dist_info.device)
     tokenizer = get_tokenizer(cfg.model.name)
-    objectives = build_objectives(cfg).to(dist_info.device)
+    objectives = build_objectives(cfg, model).to(dist_info.device)
+    trainer = ModelWithObjectives(model, objectives)  # freezes the heads no objective trains
     optimizer = build_optimizer(model, cfg.train, dist_info.device)
-    return model, tokenizer, objectives, optimizer
+    return model, tokenizer, trainer, optimizer
+
+
+def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
+    """FLIP: the patch dropout of a step; 0 in the unmasked tuning phase at the end."""
+    tuning = cfg.model.unmasked_tuning
+    tuning_steps = tuning if tuning >= 1 else tuning * cfg.train.max_steps
+    return 0.0 if step >= cfg.train.max_steps - tuning_steps else cfg.model.patch_dropout
 
 
 class Clock:
@@ -197,9 +205,10 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     out = _prepare_run_folder(cfg, dist_info)
     ckpt_root = out / "checkpoints"
-    model, tokenizer, objectives, optimizer = _build(cfg, dist_info)
+    model, tokenizer, trainer, optimizer = _build(cfg, dist_info)
     state = _resume(cfg, ckpt_root, model, optimizer, dist_info)
-    train_model = wrap_model(model, cfg, dist_info)
+    train_model = wrap_model(trainer, cfg, dist_info)
+    patch_dropout = cfg.model.patch_dropout
     schedule = lr_schedule(cfg.train)
     logger = _make_logger(cfg, out, dist_info)
     show_bar = cfg.train.progress and dist_info.is_main
@@ -214,7 +223,10 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         while True:
             micro = [next(batches) for _ in range(cfg.train.accum_steps)]
             set_lr(optimizer, schedule[state.step])
-            metrics = train_step(train_model, objectives, optimizer, micro, cfg, dist_info.device)
+            if _patch_dropout_at(cfg, state.step) != patch_dropout:
+                patch_dropout = _patch_dropout_at(cfg, state.step)
+                model.set_patch_dropout(patch_dropout)
+            metrics = train_step(train_model, optimizer, micro, cfg, dist_info.device)
             n_samples = sum(len(b["text"]) for b in micro) * dist_info.world_size
             state.step += 1
             state.samples += n_samples
@@ -340,7 +352,9 @@ def _evaluate_and_log(
     if dist_info.is_main:
         model.eval()
         with torch.no_grad():
-            results = evaluate_run(model, tokenizer, cfg, dist_info.device, splits=splits)
+            results = evaluate_run(
+                model, tokenizer, cfg, dist_info.device, splits=splits, step=state.step
+            )
         model.train()
         logger.log(state.step, {"minutes": minutes, **{f"eval/{k}": v for k, v in results.items()}})
     if dist_info.distributed:

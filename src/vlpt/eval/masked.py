@@ -1,0 +1,268 @@
+"""Evaluation of the masked heads: MLM accuracy (with the real and a shuffled image) and the MAE
+reconstruction loss, with a PNG grid of reconstructions.
+
+    data = embed_with_visual_tokens(model, tokenizer, sources, max_items=1000)
+    metrics = mlm_metrics(model, tokenizer, data)          # mlm_acc, mlm_attr_acc, ...
+    metrics |= evaluate_mim(model, sources, png_path="runs/x/mim/val_step_00000100.png")
+
+MLM, two protocols on every caption of every item:
+- `mlm_acc`: BERT masking as in training (15%, 80/10/10, a fixed seed), accuracy over the
+  selected tokens (`n_tokens` of them).
+- `mlm_attr_acc`: every attribute word of the caption (colours, shapes, and the direction and
+  position words left/right/up/down/top/bottom) replaced by the mask token at once, so the
+  caption cannot give one attribute away through another; accuracy over those tokens
+  (`n_attr_tokens`). `mlm_attr_acc_shuffled` is the same with each caption paired with the
+  next item's image (the set rolled by one): a model that reads the image drops to its
+  text-only guess there, and the gap is what the image contributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlpt.config import ConfigError, Source
+from vlpt.data.loader import iter_eval_batches
+from vlpt.data.synthetic.world import COLOURS, SHAPES
+from vlpt.eval.embed import Tokenizer, encode_captions, evaluation_mode
+from vlpt.models import VisionLanguageModel
+from vlpt.models.mae import mae_loss, patchify, unpatchify
+from vlpt.objectives.mim import masked_reconstruction
+from vlpt.objectives.mlm import IGNORE, mask_tokens
+
+DIRECTION_WORDS = ("left", "right", "up", "down", "top", "bottom")
+ATTRIBUTE_WORDS = (*COLOURS, *SHAPES, *DIRECTION_WORDS)
+
+
+@dataclass
+class VisualEvalSet:
+    """An evaluation set embedded for the fusion heads: contrastive embeddings as
+    `EvalEmbeddings` has them, plus every item's visual tokens and the caption strings."""
+
+    image: torch.Tensor  # (N, D) normalised
+    text: torch.Tensor  # (M, D) normalised, the captions of all items, item by item
+    text_to_image: torch.Tensor  # (M,) long
+    visual_tokens: torch.Tensor  # (N, T', W) tokens after ln_post
+    captions: list[str] = field(default_factory=list)  # (M)
+
+
+def embed_with_visual_tokens(
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    sources: Sequence[Source],
+    *,
+    batch_size: int = 256,
+    max_items: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    num_frames: int = 8,
+) -> VisualEvalSet:
+    """One pass over the evaluation shards keeping what the fusion heads need."""
+    images: list[torch.Tensor] = []  # (B, D) per batch
+    tokens: list[torch.Tensor] = []  # (B, T', W) per batch
+    texts: list[torch.Tensor] = []  # (captions in batch, D) per batch
+    owners: list[int] = []
+    captions: list[str] = []
+    batches = iter_eval_batches(
+        list(sources),
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        batch_size=batch_size,
+        max_items=max_items,
+        num_frames=num_frames,
+    )
+    with evaluation_mode(model, device, precision):
+        for batch in batches:
+            first = sum(len(t) for t in images)  # index of this batch's first item
+            features, visual = model.encode_image_with_tokens(batch["image"].to(device))
+            images.append(features.float())
+            tokens.append(visual.float())
+            chunk = [c for item in batch["captions"] for c in item]
+            if chunk:
+                texts.append(encode_captions(model, tokenizer, chunk, device, batch_size))
+            owners += [first + i for i, item in enumerate(batch["captions"]) for _ in item]
+            captions += chunk
+    if not images:
+        raise ValueError("the evaluation set holds no usable item.")
+    return VisualEvalSet(
+        image=torch.cat(images),
+        text=torch.cat(texts),
+        text_to_image=torch.tensor(owners, dtype=torch.long, device=device),
+        visual_tokens=torch.cat(tokens),
+        captions=captions,
+    )
+
+
+def attribute_token_ids(tokenizer: Any) -> torch.Tensor:
+    """Token ids of the attribute words that are one BPE token each (all of ATTRIBUTE_WORDS)."""
+    ids = [tokenizer([w])[0, 1:-1] for w in ATTRIBUTE_WORDS]
+    return torch.tensor(sorted({int(t) for t in ids if len(t) == 1}))
+
+
+def _masked_accuracy(
+    model: VisionLanguageModel, inputs: torch.Tensor, labels: torch.Tensor, visual: torch.Tensor
+) -> tuple[float, int]:
+    """(correct, count) of the MLM predictions at the positions where labels != IGNORE."""
+    selected = labels != IGNORE
+    if not selected.any():
+        return 0.0, 0
+    hidden = model.fuse(inputs, visual)
+    predicted = model.mlm_logits(hidden[selected]).argmax(dim=1)
+    return float((predicted == labels[selected]).sum()), int(selected.sum())
+
+
+def mlm_metrics(
+    model: VisionLanguageModel,
+    tokenizer: Any,
+    data: VisualEvalSet,
+    *,
+    batch_size: int = 256,
+    mask_ratio: float = 0.15,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict[str, float | int]:
+    """`mlm_acc`, `mlm_attr_acc`, `mlm_attr_acc_shuffled`, `n_tokens`, `n_attr_tokens`."""
+    if model.fusion is None:
+        raise ConfigError(
+            "this checkpoint's model has no fusion encoder, so no MLM head to evaluate; "
+            'train one whose model JSON has "fusion_cfg" (e.g. model.name=tiny-masked).'
+        )
+    device = data.visual_tokens.device
+    vocab = model.fusion.cfg.vocab_size
+    attribute_ids = attribute_token_ids(tokenizer).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    sums = dict.fromkeys(("acc", "n", "attr", "n_attr", "shuffled"), 0.0)
+    n_items = len(data.visual_tokens)
+    with evaluation_mode(model, device, precision):
+        for start in range(0, len(data.captions), batch_size):
+            rows = slice(start, start + batch_size)
+            tokens = tokenizer(data.captions[rows]).to(device)  # (B, L)
+            owner = data.text_to_image[rows]
+            visual = data.visual_tokens[owner]
+            inputs, labels = mask_tokens(
+                tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator
+            )
+            correct, count = _masked_accuracy(model, inputs, labels, visual)
+            sums["acc"] += correct
+            sums["n"] += count
+            is_attribute = torch.isin(tokens, attribute_ids)
+            inputs = tokens.masked_fill(is_attribute, vocab)
+            labels = tokens.masked_fill(~is_attribute, IGNORE)
+            correct, count = _masked_accuracy(model, inputs, labels, visual)
+            sums["attr"] += correct
+            sums["n_attr"] += count
+            shuffled = data.visual_tokens[(owner + 1) % n_items]
+            sums["shuffled"] += _masked_accuracy(model, inputs, labels, shuffled)[0]
+    n, n_attr = max(sums["n"], 1), max(sums["n_attr"], 1)
+    return {
+        "mlm_acc": sums["acc"] / n,
+        "mlm_attr_acc": sums["attr"] / n_attr,
+        "mlm_attr_acc_shuffled": sums["shuffled"] / n_attr,
+        "n_tokens": int(sums["n"]),
+        "n_attr_tokens": int(sums["n_attr"]),
+    }
+
+
+def evaluate_mlm(
+    model: VisionLanguageModel,
+    tokenizer: Any,
+    sources: Sequence[Source],
+    *,
+    batch_size: int = 256,
+    max_items: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    num_frames: int = 8,
+) -> dict[str, float | int]:
+    """`vlpt eval mlm`: embed the set, then `mlm_metrics`."""
+    data = embed_with_visual_tokens(
+        model,
+        tokenizer,
+        sources,
+        batch_size=batch_size,
+        max_items=max_items,
+        device=device,
+        precision=precision,
+        num_frames=num_frames,
+    )
+    return mlm_metrics(model, tokenizer, data, batch_size=batch_size, precision=precision)
+
+
+def evaluate_mim(
+    model: VisionLanguageModel,
+    sources: Sequence[Source],
+    *,
+    batch_size: int = 256,
+    max_items: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    png_path: str | Path | None = None,
+    png_items: int = 8,
+    num_frames: int = 8,
+) -> dict[str, float | int]:
+    """Mean MAE loss over the set (masks from a fixed seed): `mim_loss`, `mim_items`. With
+    `png_path`, a grid of the first `png_items` frames is written there."""
+    if model.mae_decoder is None:
+        raise ConfigError('this model has no MAE decoder to evaluate (no "mae_cfg" in its JSON).')
+    generator = torch.Generator().manual_seed(seed)
+    total, count, shown = 0.0, 0, None
+    batches = iter_eval_batches(
+        list(sources),
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        batch_size=batch_size,
+        max_items=max_items,
+        num_frames=num_frames,
+    )
+    with evaluation_mode(model, device, precision):
+        for batch in batches:
+            images = batch["image"].to(device)
+            out = masked_reconstruction(model, images, mask_ratio, generator)
+            total += float(mae_loss(out["pred"], out["target"], out["mask"])) * len(images)
+            count += len(images)
+            if shown is None:
+                shown = {
+                    k: v[:png_items].float() if v.is_floating_point() else v[:png_items]
+                    for k, v in out.items()
+                }
+    if png_path is not None and shown is not None:
+        save_reconstruction_grid(model, shown, png_path)
+    return {"mim_loss": total / max(count, 1), "mim_items": count}
+
+
+def save_reconstruction_grid(
+    model: VisionLanguageModel, shown: dict[str, torch.Tensor], path: str | Path
+) -> Path:
+    """A PNG of three rows: originals, masked inputs (hidden patches grey), reconstructions
+    (predicted patches, un-normalised with each original patch's mean and variance as MAE's
+    figures do, visible patches pasted from the original)."""
+    from torchvision.utils import save_image
+
+    frames, pred, mask = shown["frames"], shown["pred"], shown["mask"]
+    patch = model.mae_decoder.cfg.patch_size if model.mae_decoder is not None else 8
+    patches = patchify(frames, patch)  # (n, N, P)
+    mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    hidden = mask[..., None]
+    masked = unpatchify(patches.masked_fill(hidden, 0.0), patch)
+    recon = unpatchify(torch.where(hidden, pred.float() * std + mean, patches), patch)
+    pixel_mean = torch.tensor(model.image_mean, device=frames.device)[:, None, None]
+    pixel_std = torch.tensor(model.image_std, device=frames.device)[:, None, None]
+    rows = [frames, masked, recon]
+    grid = torch.cat([(r * pixel_std + pixel_mean).clamp(0, 1) for r in rows])
+    # Masked patches: mid grey in pixel space rather than the dataset mean colour.
+    n = len(frames)
+    grey = unpatchify(hidden.expand_as(patches).float(), patch).bool()
+    grid[n : 2 * n][grey] = 0.5
+    grid = torch.nn.functional.interpolate(grid, scale_factor=2, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid.cpu(), str(path), nrow=n, padding=2, pad_value=1.0)
+    return path

@@ -1,0 +1,89 @@
+"""Masked language modelling of the caption, conditioned on the image (BERT's 80/10/10 masking).
+
+15% of each caption's word tokens are selected (never the start, end or padding tokens); of
+those, 80% become the mask token, 10% a random token, 10% stay as they are, and the fusion
+encoder, reading the visual tokens, predicts the original token at every selected position.
+
+Short captions: every caption with at least one word token gets at least one selected token
+(a 5-token caption would otherwise often get none). A caption with no word token at all
+(`[SOT, EOT]`) cannot be masked; it is left out of the loss and counted in the
+`mlm/unmaskable` metric, and a batch of only such captions gives a zero loss, not an error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def maskable_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, L) -> (B, L) bool: the word tokens, strictly between the start and end tokens."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    eot = (tokens == eot_id).int().argmax(dim=1, keepdim=True)
+    return (positions > 0) & (positions < eot)
+
+
+def mask_tokens(
+    tokens: torch.Tensor,
+    *,
+    ratio: float,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of (B, L) token ids -> (inputs, labels), both (B, L) long.
+
+    `labels` holds the original id at selected positions and -100 elsewhere. In `inputs` a
+    selected position is `vocab_size` (the mask id) with p=0.8, a random word id with p=0.1,
+    and unchanged with p=0.1. The end token is `vocab_size - 1`, the start `vocab_size - 2`.
+    """
+    candidates = maskable_positions(tokens, eot_id=vocab_size - 1)
+    draw = torch.rand(tokens.shape, generator=generator).to(tokens.device)
+    selected = (draw < ratio) & candidates
+    # At least one selected token per maskable caption: its candidate with the smallest draw.
+    missing = candidates.any(dim=1) & ~selected.any(dim=1)
+    first = draw.masked_fill(~candidates, 2.0).argmin(dim=1)
+    selected[missing, first[missing]] = True
+
+    action = torch.rand(tokens.shape, generator=generator).to(tokens.device)
+    random_ids = torch.randint(1, vocab_size - 2, tokens.shape, generator=generator)
+    inputs = tokens.clone()
+    inputs[selected & (action < 0.8)] = vocab_size
+    swap = selected & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = random_ids.to(tokens.device)[swap]
+    labels = tokens.masked_fill(~selected, IGNORE)
+    return inputs, labels
+
+
+class MaskedLanguageModeling(nn.Module):
+    """`loss/mlm`: cross-entropy of the fusion encoder's predictions at the selected tokens."""
+
+    needs = frozenset({"visual_tokens"})
+    heads = ("fusion", "mlm_head")
+
+    def __init__(self, weight: float = 1.0, mask_ratio: float = 0.15) -> None:
+        super().__init__()
+        self.weight, self.mask_ratio = weight, mask_ratio
+
+    def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
+        assert model is not None and batch is not None
+        tokens = batch["text"]  # (B, L)
+        vocab = model.fusion.cfg.vocab_size
+        inputs, labels = mask_tokens(tokens, ratio=self.mask_ratio, vocab_size=vocab)
+        hidden = model.fuse(inputs, outputs["visual_tokens"])  # (B, L, W)
+        selected = labels != IGNORE
+        # The vocabulary projection (49k wide) only at the ~15% selected positions.
+        logits = model.mlm_logits(hidden[selected]).float()  # (n, V)
+        target = labels[selected]
+        n = target.numel()
+        loss = F.cross_entropy(logits, target, reduction="sum") / max(n, 1)
+        correct = (logits.argmax(dim=1) == target).float().sum()
+        unmaskable = ~maskable_positions(tokens, vocab - 1).any(dim=1)
+        return {
+            "loss/mlm": self.weight * loss,
+            "mlm/acc": (correct / max(n, 1)).detach(),
+            "mlm/masked_tokens": torch.tensor(float(n)),
+            "mlm/unmaskable": unmaskable.float().sum().detach(),
+        }

@@ -1,0 +1,191 @@
+"""Masked objectives: masking statistics, MAE patches, ITM negatives, re-ranking, config switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MICRO_MODEL, ROOT
+
+from vlpt.config import ConfigError, load_config
+from vlpt.eval.rerank import rerank_top_k
+from vlpt.models import build_model
+from vlpt.models.mae import mae_loss, patchify, random_patch_mask, unpatchify
+from vlpt.objectives import (
+    ClipLoss,
+    ImageTextMatching,
+    MaskedImageModeling,
+    MaskedLanguageModeling,
+    ModelWithObjectives,
+    build_objectives,
+    mask_tokens,
+    sample_hard_negatives,
+)
+from vlpt.objectives.mlm import IGNORE
+from vlpt.train.loop import _patch_dropout_at
+
+MICRO_MASKED = str(ROOT / "tests/fixtures/micro-masked.json")
+VOCAB, SOT, EOT = 49408, 49406, 49407
+
+
+def _captions(n: int, words: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, words + 2 + 3) tokens: SOT, random words, EOT, three pads."""
+    body = torch.randint(1, SOT, (n, words), generator=generator)
+    sot, eot = torch.full((n, 1), SOT), torch.full((n, 1), EOT)
+    return torch.cat([sot, body, eot, torch.zeros(n, 3, dtype=torch.long)], dim=1)
+
+
+def test_mlm_masking_is_bert_80_10_10_over_words_only():
+    g = torch.Generator().manual_seed(0)
+    tokens = _captions(2000, 30, g)
+    inputs, labels = mask_tokens(tokens, ratio=0.15, vocab_size=VOCAB, generator=g)
+    selected = labels != IGNORE
+    assert not selected[:, 0].any() and not selected[:, 31:].any()  # never SOT, EOT or padding
+    assert abs(selected[:, 1:31].float().mean().item() - 0.15) < 0.01
+    assert torch.equal(labels[selected], tokens[selected])
+    assert torch.equal(inputs[~selected], tokens[~selected])  # unselected tokens untouched
+    n = selected.sum().item()
+    masked = (inputs[selected] == VOCAB).sum().item() / n
+    kept = (inputs[selected] == tokens[selected]).sum().item() / n
+    assert (
+        abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(1 - masked - kept - 0.1) < 0.02
+    )
+    assert (
+        inputs[selected & (inputs != VOCAB)].max() < SOT
+    )  # random tokens are words, never specials
+
+
+def test_short_captions_get_one_masked_token_and_empty_ones_are_counted():
+    tokens = torch.tensor([[SOT, 736, EOT, 0], [SOT, EOT, 0, 0]])
+    _, labels = mask_tokens(tokens, ratio=0.15, vocab_size=VOCAB)
+    assert (labels[0] != IGNORE).tolist() == [False, True, False, False]
+    assert (labels[1] == IGNORE).all()
+    model = build_model(MICRO_MASKED)
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": tokens[1:].repeat(2, 1)}
+    out = model(batch["image"], batch["text"], needs=frozenset({"visual_tokens"}))
+    terms = MaskedLanguageModeling()(out, model=model, batch=batch)
+    assert terms["loss/mlm"].item() == 0.0 and terms["mlm/unmaskable"].item() == 2
+
+
+def test_tube_masking_hides_the_same_patches_in_every_frame():
+    keep, mask = random_patch_mask(batch=3, n_patches=16, ratio=0.75, frames=4)
+    assert keep.shape == (12, 4) and mask.shape == (12, 16)
+    assert (mask.sum(1) == 12).all()
+    for clip in range(3):
+        frames = mask[clip * 4 : (clip + 1) * 4]
+        assert (frames == frames[0]).all()
+    assert not (mask[0] == mask[4]).all()  # different clips, different masks
+    assert torch.equal(mask.gather(1, keep), torch.zeros_like(keep, dtype=torch.bool))
+
+
+def test_patchify_round_trip_and_loss_on_masked_patches_only():
+    images = torch.randn(2, 3, 32, 32)
+    patches = patchify(images, 8)
+    assert patches.shape == (2, 16, 192)
+    assert torch.equal(unpatchify(patches, 8), images)
+    assert torch.equal(patches[0, 1], images[0, :, 0:8, 8:16].permute(1, 2, 0).reshape(-1))
+    _, mask = random_patch_mask(2, 16, 0.75)
+    pred = torch.where(mask[..., None], patches, patches + 5.0)  # wrong only where visible
+    assert mae_loss(pred, patches, mask).item() == 0.0
+
+
+def test_hard_negatives_follow_similarity_and_skip_positives_and_duplicates():
+    similarity = torch.tensor(
+        [[10.0, 9.0, 0.0, 0.0], [0.0, 10.0, 0.0, 9.5], [0.0, 0.0, 10.0, 0.0], [9.0, 9.0, 9.0, 9.0]]
+    )
+    positive = torch.arange(4)
+    exclude = torch.zeros(4, 4, dtype=torch.bool)
+    exclude[1, 3] = True  # row 1's most similar other caption is a duplicate of its own
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [sample_hard_negatives(similarity, positive, exclude, g) for _ in range(300)]
+    )
+    assert not (draws == positive).any() and not (draws[:, 1] == 3).any()
+    assert (draws[:, 0] == 1).float().mean() > 0.95  # the high-similarity wrong caption
+    assert set(draws[:, 3].tolist()) == {0, 1, 2}  # equal similarity: any non-positive
+
+
+def test_rerank_reorders_only_the_top_k():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    reranked, top = rerank_top_k(scores, 3, lambda q, c: c.float())  # ITM prefers later items
+    order = reranked[0].argsort(descending=True).tolist()
+    assert sorted(top[0].tolist()) == [0, 1, 2]
+    assert order == [2, 1, 0, 3, 4, 5]  # top 3 reversed by the ITM scores, the rest as before
+
+
+def _cfg(*overrides: str):
+    return load_config(None, [f"model.name={MICRO_MASKED}", *overrides])
+
+
+def test_objectives_switch_on_from_the_config_and_unused_heads_freeze():
+    model = build_model(MICRO_MASKED)
+    objectives = build_objectives(
+        _cfg("objectives.mlm.enabled=true", "objectives.mim.weight=2"), model
+    )
+    assert [type(o) for o in objectives] == [ClipLoss, MaskedLanguageModeling]
+    trainer = ModelWithObjectives(model, objectives)
+    assert trainer.needs == {"visual_tokens"}
+    assert not any(p.requires_grad for p in model.fusion.itm_head.parameters())
+    assert not any(p.requires_grad for p in model.mae_decoder.parameters())
+    assert all(p.requires_grad for p in model.fusion.mlm_head.parameters())
+    every = _cfg(*(f"objectives.{k}.enabled=true" for k in ("mlm", "itm", "mim")))
+    kinds = [type(o) for o in build_objectives(every, build_model(MICRO_MASKED))]
+    assert kinds == [ClipLoss, MaskedLanguageModeling, ImageTextMatching, MaskedImageModeling]
+
+
+def test_all_objectives_train_together_and_every_trained_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = build_model(MICRO_MASKED)
+    every = _cfg(*(f"objectives.{k}.enabled=true" for k in ("mlm", "itm", "mim")))
+    trainer = ModelWithObjectives(model, build_objectives(every, model))
+    from vlpt.models import get_tokenizer
+
+    tokens = get_tokenizer(MICRO_MODEL)(
+        ["a small red circle at the top", "a big blue star", "a green cross"]
+    )
+    terms = trainer({"image": torch.randn(3, 3, 32, 32), "text": tokens})
+    assert {"loss/contrastive", "loss/mlm", "loss/itm", "loss/mim"} <= set(terms)
+    sum(v for k, v in terms.items() if k.startswith("loss/")).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == ["logit_bias"]  # only SigLIP reads it; the loop freezes it for CLIP
+
+
+def test_enabling_an_objective_without_its_head_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"objectives\.mlm.*micro\.json.*fusion"):
+        build_objectives(
+            load_config(None, [f"model.name={MICRO_MODEL}", "objectives.mlm.enabled=true"]),
+            build_model(MICRO_MODEL),
+        )
+    with pytest.raises(ConfigError, match=r"objectives\.mim.*mae_decoder"):
+        build_objectives(
+            load_config(None, [f"model.name={MICRO_MODEL}", "objectives.mim.enabled=true"]),
+            build_model(MICRO_MODEL),
+        )
+
+
+@pytest.mark.parametrize("key", ["objectives.mlm.mask_ratio", "objectives.mim.mask_ratio"])
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_mask_ratio_outside_the_open_unit_interval_is_rejected(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_flip_unmasked_tuning_phase():
+    cfg = load_config(
+        None, ["model.patch_dropout=0.5", "model.unmasked_tuning=0.1", "train.max_steps=100"]
+    )
+    assert [_patch_dropout_at(cfg, s) for s in (0, 89, 90, 99)] == [0.5, 0.5, 0.0, 0.0]
+    cfg = load_config(
+        None, ["model.patch_dropout=0.5", "model.unmasked_tuning=5", "train.max_steps=100"]
+    )
+    assert [_patch_dropout_at(cfg, s) for s in (94, 95)] == [0.5, 0.0]
+    assert _patch_dropout_at(load_config(None, ["model.patch_dropout=0.5"]), 999) == 0.5
+
+
+def test_clips_give_frame_tokens_and_tube_masked_reconstruction():
+    model = build_model(MICRO_MASKED)
+    clips = torch.randn(2, 3, 3, 32, 32)
+    features, tokens = model.encode_image_with_tokens(clips)
+    assert features.shape == (2, 64) and tokens.shape == (2, 3 * 17, 64)
+    assert torch.allclose(features, model.encode_image(clips), atol=1e-5)
+    terms = MaskedImageModeling()({}, model=model, batch={"image": clips})
+    assert terms["loss/mim"].isfinite()
