@@ -217,3 +217,44 @@ def test_render_paints_each_colour_at_the_sprite_centre(shape: str) -> None:
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
         write_dataset(tmp_path, progress=False, **kwargs)
+
+
+def test_clip_frames_are_drawn_by_the_image_renderer() -> None:
+    from vlpt.data.synthetic import render_clip
+
+    background = Background("noise", (100, 100, 100), (150, 150, 150), 0.1, 0)
+    scenes = [
+        Scene(background, (Sprite("star", 0.3 + 0.1 * k, 0.5, 0.31, 10.0 * k, (220, 30, 35)),))
+        for k in range(3)
+    ]
+    frames = render_clip(scenes, 64, np.random.default_rng(1))
+    for scene, frame in zip(scenes, frames):  # same background noise in every frame
+        assert frame.tobytes() == render_scene(scene, 64, np.random.default_rng(1)).tobytes()
+
+
+def test_sprite_opacity_fades_and_hides() -> None:
+    background = Background("plain", (128, 128, 128), (128, 128, 128), 0.1, 0)
+    rng = np.random.default_rng(0)
+
+    def centre(opacity: float) -> tuple[int, ...]:
+        sprite = Sprite("circle", 0.5, 0.5, 0.31, 0.0, (250, 0, 0), opacity)
+        return tuple(np.asarray(render_scene(Scene(background, (sprite,)), 64, rng))[32, 32])
+
+    assert centre(1.0) == (250, 0, 0)
+    assert centre(0.0) == (128, 128, 128)
+    assert centre(0.5) == pytest.approx((189, 64, 64), abs=1)
+
+
+def test_synth_command_writes_video_next_to_images(tmp_path: Path) -> None:
+    from vlpt.cli import main
+
+    args = ["data", "synth", str(tmp_path), "--images", "4", "--val", "2", "--test", "2"]
+    video = ["--video", "--video-clips", "4", "--video-val", "2", "--video-test", "2"]
+    assert main([*args, *video, "--frames", "6", "--fps", "4", "--workers", "1", "--quiet"]) == 0
+    info = json.loads((tmp_path / "video" / "info.json").read_text())
+    assert (info["num_frames"], info["fps"], info["counts"]["val"]) == (6, 4, 2)
+    for split in ("train", "val", "test"):
+        assert (tmp_path / split / "00000.tar").exists()
+        assert (tmp_path / "video" / split / "00000.tar").exists()
+    with tarfile.open(tmp_path / "video" / "train" / "00000.tar") as tar:
+        assert sorted(tar.getnames())[:3] == ["000000000.json", "000000000.mp4", "000000000.txt"]

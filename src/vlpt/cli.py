@@ -26,8 +26,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from vlpt.config import ConfigError
-    from vlpt.data.synthetic import write_dataset
+    from vlpt.data.synthetic import write_dataset, write_video_dataset
 
     try:
         summary = write_dataset(
@@ -40,7 +42,20 @@ def cmd_synth(args: argparse.Namespace) -> None:
             workers=args.workers,
             progress=not args.quiet,
         )
-    except ValueError as e:  # write_dataset names the bad argument in one sentence
+        if args.video:
+            summary["video"] = write_video_dataset(
+                Path(args.out_dir) / "video",
+                seed=args.seed,
+                n_train=args.video_clips,
+                n_val=args.video_val,
+                n_test=args.video_test,
+                size=args.size,
+                num_frames=args.frames,
+                fps=args.fps,
+                workers=args.workers,
+                progress=not args.quiet,
+            )
+    except ValueError as e:  # the writers name the bad argument in one sentence
         raise ConfigError(str(e)) from None
     print(json.dumps(summary))
 
@@ -164,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     synth = data.add_parser("synth", help="write the synthetic world as WebDataset shards")
-    synth.add_argument("out_dir", help="output folder; gets train/, val/, test/")
+    synth.add_argument("out_dir", help="output folder; gets train/, val/, test/ (and video/)")
     synth.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     synth.add_argument("--images", type=int, default=20000, help="training images")
     synth.add_argument("--val", type=int, default=1000, help="validation images")
@@ -172,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", type=int, default=1000, help="test images (unseen colour-shape pairs)"
     )
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
+    synth.add_argument(
+        "--video",
+        action="store_true",
+        help="also write video clips to OUT_DIR/video/{train,val,test}",
+    )
+    synth.add_argument("--video-clips", type=int, default=20000, help="training clips")
+    synth.add_argument("--video-val", type=int, default=1000, help="validation clips")
+    synth.add_argument(
+        "--video-test", type=int, default=1000, help="test clips (unseen colour-shape pairs)"
+    )
+    synth.add_argument("--frames", type=int, default=16, help="frames per clip")
+    synth.add_argument("--fps", type=int, default=8, help="frames per second of the clips")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_synth)

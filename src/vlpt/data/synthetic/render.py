@@ -1,12 +1,14 @@
-"""Draw one frame of the synthetic world: a textured background and anti-aliased sprites.
+"""Draw frames of the synthetic world: a textured background and anti-aliased sprites.
 
-`render_scene` knows nothing about captions, splits or grid cells: it takes continuous sprite
-parameters, so the same function draws still images and every frame of an animated clip.
+`render_scene` (one image) and `render_clip` (the frames of a video clip) know nothing about
+captions, splits or grid cells: they take continuous sprite parameters, and both paint every
+sprite with the same `draw_sprite`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache, lru_cache
 
 import numpy as np
@@ -29,6 +31,21 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
     for sprite in scene.sprites:
         draw_sprite(image, sprite)
     return image
+
+
+def render_clip(scenes: Sequence[Scene], size: int, rng: np.random.Generator) -> list[Image.Image]:
+    """Render the scenes of one clip (all with the background of the first) as RGB frames.
+
+    The background, noise included, is drawn once, so it stays still while the sprites move.
+    """
+    background = Image.fromarray(render_background(scenes[0].background, size, rng), "RGB")
+    frames = []
+    for scene in scenes:
+        frame = background.copy()
+        for sprite in scene.sprites:
+            draw_sprite(frame, sprite)
+        frames.append(frame)
+    return frames
 
 
 def render_background(bg: Background, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,29 +76,49 @@ def render_background(bg: Background, size: int, rng: np.random.Generator) -> np
 
 def draw_sprite(image: Image.Image, sprite: Sprite) -> None:
     """Paint one sprite onto `image` in place, anti-aliased through a supersampled mask."""
-    size = image.width
-    cx, cy = sprite.x * size, sprite.y * size
-    radius = sprite.scale * size / 2
+    if sprite.opacity <= 0:
+        return
+    mask, left, top = sprite_mask(
+        sprite.shape, sprite.x, sprite.y, sprite.scale, sprite.angle, sprite.opacity, image.width
+    )
+    image.paste(sprite.rgb, (left, top, left + mask.width, top + mask.height), mask)
+
+
+# Cached: most sprites of a clip hold still in most frames, and a colour change keeps the mask.
+@lru_cache(maxsize=64)
+def sprite_mask(
+    shape: str, x: float, y: float, scale: float, angle: float, opacity: float, size: int
+) -> tuple[Image.Image, int, int]:
+    """The 8-bit coverage mask of a sprite on a `size` image and where its top left goes."""
+    cx, cy = x * size, y * size
+    radius = scale * size / 2
     # Integer native-pixel box around the sprite; the mask is drawn SUPERSAMPLE times finer.
     left, top = math.floor(cx - radius * 1.3) - 1, math.floor(cy - radius * 1.3) - 1
     side = math.ceil(radius * 2.6) + 3
     mask = Image.new("L", (side * SUPERSAMPLE, side * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(mask)
     ox, oy, r = (cx - left) * SUPERSAMPLE, (cy - top) * SUPERSAMPLE, radius * SUPERSAMPLE
-    if sprite.shape == "circle":
+    if shape == "circle":
         rc = r * 0.95
         draw.ellipse((ox - rc, oy - rc, ox + rc, oy + rc), fill=255)
     else:
-        theta = math.radians(sprite.angle)
+        theta = math.radians(angle)
         cos, sin = math.cos(theta), math.sin(theta)
         # y grows downwards, so counter-clockwise on screen is (x cos + y sin, -x sin + y cos).
         points = [
             (ox + r * (px * cos + py * sin), oy + r * (-px * sin + py * cos))
-            for px, py in unit_polygon(sprite.shape)
+            for px, py in unit_polygon(shape)
         ]
         draw.polygon(points, fill=255)
     mask = mask.resize((side, side), Image.Resampling.BOX)
-    image.paste(sprite.rgb, (left, top, left + side, top + side), mask)
+    if opacity < 1:
+        mask = mask.point(_opacity_table(opacity))
+    return mask, left, top
+
+
+def _opacity_table(opacity: float) -> list[int]:
+    """Lookup table scaling an 8-bit mask by `opacity`."""
+    return [round(v * opacity) for v in range(256)]
 
 
 @cache

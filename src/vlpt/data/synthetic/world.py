@@ -97,6 +97,7 @@ class Sprite:
     scale: float  # diameter of the circumscribed circle
     angle: float  # degrees, counter-clockwise
     rgb: RGB
+    opacity: float = 1.0  # 0 = invisible; video clips fade objects in and out
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +48,25 @@ class SynthSettings:
     held_out: tuple[tuple[str, str], ...]
 
 
+SampleMaker = Callable[[str, int], dict[str, str | bytes]]
+"""(split, index) -> one sample `{"__key__", ext: bytes, ...}`; a picklable function (e.g. a
+`functools.partial` of a module-level function), since shards are written in worker processes."""
+
+
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard to write: images [start, stop) of `split`. Picklable, for the worker pool."""
+    """One shard to write: samples [start, stop) of `split`. Picklable, for the worker pool."""
 
     out_dir: Path
     split: str
     start: int
     stop: int
-    settings: SynthSettings
+    shard_size: int
+    make_sample: SampleMaker
 
     @property
     def shard(self) -> int:
-        return self.start // self.settings.shard_size
+        return self.start // self.shard_size
 
     @property
     def name(self) -> str:
@@ -87,24 +95,10 @@ def write_dataset(
     _check_args(seed, counts, size, shard_size, captions_per_image, workers)
     out = Path(out_dir)
     settings = SynthSettings(seed, size, shard_size, captions_per_image, world.held_out_pairs(seed))
-    jobs = [
-        ShardJob(out, split, start, min(start + shard_size, n), settings)
-        for split, n in counts.items()
-        for start in range(0, n, shard_size)
-    ]
-    for split in world.SPLITS:
-        _prepare_split_dir(out / split, {j.name for j in jobs if j.split == split})
-
-    start = time.perf_counter()
-    _run_jobs(jobs, workers or os.cpu_count() or 1, progress)
-    seconds = time.perf_counter() - start
-
-    for split in world.SPLITS:
-        sizes = {j.name: j.stop - j.start for j in jobs if j.split == split}
-        _write_text(out / split / "sizes.json", json.dumps(sizes, indent=1))
-        _write_text(out / split / "nshards.txt", str(len(sizes)))
+    make = partial(make_sample, settings)
+    seconds = write_splits(out, counts, shard_size, make, workers=workers, progress=progress)
     info = dataset_info(settings, counts)
-    _write_text(out / "info.json", json.dumps(info, indent=1))
+    write_text(out / "info.json", json.dumps(info, indent=1))
     return {
         "out_dir": str(out),
         "seed": seed,
@@ -115,6 +109,35 @@ def write_dataset(
     }
 
 
+def write_splits(
+    out: Path,
+    counts: dict[str, int],
+    shard_size: int,
+    make_sample: SampleMaker,
+    *,
+    workers: int | None,
+    progress: bool,
+    unit: str = "img",
+) -> float:
+    """Write `counts[split]` samples of each split as `out/split/%05d.tar` shards of `shard_size`,
+    plus each split's sizes.json and nshards.txt; returns the seconds spent writing shards."""
+    jobs = [
+        ShardJob(out, split, start, min(start + shard_size, n), shard_size, make_sample)
+        for split, n in counts.items()
+        for start in range(0, n, shard_size)
+    ]
+    for split in counts:
+        _prepare_split_dir(out / split, {j.name for j in jobs if j.split == split})
+    start = time.perf_counter()
+    _run_jobs(jobs, workers or os.cpu_count() or 1, progress, unit)
+    seconds = time.perf_counter() - start
+    for split in counts:
+        sizes = {j.name: j.stop - j.start for j in jobs if j.split == split}
+        write_text(out / split / "sizes.json", json.dumps(sizes, indent=1))
+        write_text(out / split / "nshards.txt", str(len(sizes)))
+    return seconds
+
+
 def write_shard(job: ShardJob) -> int:
     """Write one shard through a temporary file, so an interrupted run leaves no truncated tar."""
     path = job.out_dir / job.split / job.name
@@ -122,7 +145,7 @@ def write_shard(job: ShardJob) -> int:
     # Fixed mtime and owner: the tar bytes depend on the samples only.
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as sink:
         for index in range(job.start, job.stop):
-            sink.write(make_sample(job, index))
+            sink.write(job.make_sample(job.split, index))
     os.replace(tmp, path)
     n = job.stop - job.start
     stats = {
@@ -132,26 +155,23 @@ def write_shard(job: ShardJob) -> int:
         "failed_to_resize": 0,
         "status_dict": {"success": n},
     }
-    _write_text(path.with_name(f"{job.shard:05d}_stats.json"), json.dumps(stats, indent=1))
+    write_text(path.with_name(f"{job.shard:05d}_stats.json"), json.dumps(stats, indent=1))
     return n
 
 
-def make_sample(job: ShardJob, index: int) -> dict[str, str | bytes]:
-    """The sample for image `index` of `job.split`: key, JPEG, captions and metadata."""
+def make_sample(cfg: SynthSettings, split: str, index: int) -> dict[str, str | bytes]:
+    """The sample for image `index` of `split`: key, JPEG, captions and metadata."""
     # Separate streams for layout, pixels and text: changing the caption count leaves images alone.
-    cfg = job.settings
-    entropy = np.random.SeedSequence([cfg.seed, _SPLIT_ID[job.split], index])
+    entropy = np.random.SeedSequence([cfg.seed, _SPLIT_ID[split], index])
     scene_rng, pixel_rng, text_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
-    spec = world.sample_scene(
-        scene_rng, held_out=cfg.held_out, require_held_out=job.split == "test"
-    )
+    spec = world.sample_scene(scene_rng, held_out=cfg.held_out, require_held_out=split == "test")
     image = render_scene(spec.to_scene(pixel_rng), cfg.size, pixel_rng)
     jpeg = io.BytesIO()
     # 4:4:4 chroma: the default 4:2:0 smears the colour of a 12 px object into its background.
     image.save(jpeg, "JPEG", quality=JPEG_QUALITY, subsampling=0)
     captions = make_captions(spec, cfg.captions_per_image, text_rng)
     key = f"{index:09d}"
-    meta = sample_metadata(spec, key, job.split, cfg.size, len(captions), cfg.held_out)
+    meta = sample_metadata(spec, key, split, cfg.size, len(captions), cfg.held_out)
     return {
         "__key__": key,
         "jpg": jpeg.getvalue(),
@@ -215,10 +235,10 @@ def dataset_info(settings: SynthSettings, counts: dict[str, int]) -> dict:
     }
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> None:
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool, unit: str) -> None:
     """Write all shards, in a process pool when more than one worker is useful."""
     total = sum(job.stop - job.start for job in jobs)
-    with tqdm(total=total, unit="img", desc="vlpt data synth", disable=not progress) as bar:
+    with tqdm(total=total, unit=unit, desc="vlpt data synth", disable=not progress) as bar:
         if min(workers, len(jobs)) <= 1:
             for job in jobs:
                 bar.update(write_shard(job))
@@ -239,7 +259,7 @@ def _prepare_split_dir(split_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
 
 
