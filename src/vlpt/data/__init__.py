@@ -1,13 +1,25 @@
-"""Streaming image-text data from WebDataset shards: sources, decoding, batches, skip counts."""
+"""Streaming image-text and video-text data from WebDataset shards: sources, decoding, batches,
+skip counts."""
 
 from vlpt.data.loader import CaptionTokens, TrainLoader, build_train_loader, iter_eval_batches
-from vlpt.data.samples import IMAGE_EXTENSIONS, Sample, SkipCounter, SkipReason, parse_sample
+from vlpt.data.samples import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Sample,
+    SkipCounter,
+    SkipReason,
+    VideoSample,
+    parse_sample,
+)
 from vlpt.data.shards import DataSourceError, check_source, expand_urls, read_shard
 from vlpt.data.transforms import EvalTransform, TrainTransform, normalize_batch
+from vlpt.data.video import ClipSampler, UnusableVideo, segment_times
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "CaptionTokens",
+    "ClipSampler",
     "DataSourceError",
     "EvalTransform",
     "Sample",
@@ -15,6 +27,8 @@ __all__ = [
     "SkipReason",
     "TrainLoader",
     "TrainTransform",
+    "UnusableVideo",
+    "VideoSample",
     "build_train_loader",
     "check_source",
     "expand_urls",
@@ -22,4 +36,5 @@ __all__ = [
     "normalize_batch",
     "parse_sample",
     "read_shard",
+    "segment_times",
 ]

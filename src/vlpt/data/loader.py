@@ -1,13 +1,16 @@
-"""Batches of image-text pairs for training (`build_train_loader`) and evaluation (`iter_eval_batches`).
+"""Batches of image-text and video-text pairs for training (`build_train_loader`) and evaluation
+(`iter_eval_batches`).
 
 The training stream of one rank is a torch DataLoader over `TrainStream`; each dataloader worker
 runs its own webdataset pipeline, built inside the worker so it knows its worker id:
 
     samples      resampled: shards of each source drawn with replacement, sources mixed by
                  weight; otherwise this rank+worker's share of one pass over all shards
-    shuffle      cfg.shuffle_buffer samples, images still compressed
-    decode       random-resized crop -> uint8 (S, S, 3); one caption line picked at random
-    batched      normalise the whole batch at once, tokenise (cached), attach skip counts
+    shuffle      cfg.shuffle_buffer samples, images and videos still compressed
+    decode       image: random-resized crop -> uint8 (S, S, 3); video: cfg.num_frames sampled
+                 frames, one crop box -> uint8 (T, S, S, 3); one caption line picked at random
+    batched      one pending batch per modality, emitted when full (batches never mix images and
+                 videos); normalise the whole batch at once, tokenise (cached), attach skip counts
 
 Every random choice (shards, mixing, shuffle, crops, captions) comes from a `random.Random` seeded
 with (cfg.seed, seed, rank, worker), and the DataLoader visits workers round-robin, so the same
@@ -21,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpt.config import DataConfig, Source
-from vlpt.data.samples import Sample, SkipCounter, decode_pixels, parse_sample
+from vlpt.data.samples import Sample, SkipCounter, VideoSample, decode_pixels, parse_sample
 from vlpt.data.shards import (
     DataSourceError,
     expand_urls,
@@ -39,17 +42,22 @@ from vlpt.data.shards import (
     shards_for_worker,
 )
 from vlpt.data.transforms import CropResize, EvalTransform, TrainTransform, normalize_batch
+from vlpt.data.video import ClipSampler, decode_clip
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 DEFAULT_MAX_IMAGE_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default
+DEFAULT_NUM_FRAMES: int = DataConfig.model_fields["num_frames"].default
 
 CAPTION_CACHE_SIZE = 16384
 """Distinct captions whose token rows each worker keeps (see `CaptionTokens`)."""
 
 MAX_UNDECODABLE_BEFORE_FIRST_IMAGE = 1000
-"""A source whose first this-many images (in one worker) all fail to decode is reported as
-yielding nothing, rather than spinning forever on images with valid headers but corrupt data."""
+"""A source whose first this-many images or videos (in one worker) all fail to decode is reported
+as yielding nothing, rather than spinning forever on files with valid headers but corrupt data."""
+
+Pixels = np.ndarray
+"""uint8 (S, S, 3) for an image, (T, S, S, 3) for a video clip."""
 
 
 def build_train_loader(
@@ -68,6 +76,10 @@ def build_train_loader(
     "text": long (B, L), "skips": {reason: n}}`. `text` is cut to the longest caption of the
     batch (L <= the tokenizer's context length, padded with 0); `skips` counts what the producing
     worker skipped since its previous batch.
+
+    Video samples (`mp4|webm|mkv|avi|mov`) give batches whose "image" is float32
+    (B, T, 3, S, S), T = `cfg.num_frames`; a batch holds images only or videos only (one pending
+    batch per modality in each worker, emitted when full).
 
     Infinite when `cfg.resampled` (shards drawn with replacement, sources mixed by
     `Source.weight`); otherwise one pass over all shards, split across ranks and workers, with
@@ -171,9 +183,13 @@ class TrainStream(IterableDataset):
         skips = SkipCounter()
         buffer = self.cfg.shuffle_buffer
         shuffle = wds.shuffle(bufsize=buffer, initial=max(1, buffer // 4), rng=_rng(key, "shuffle"))
+        clips = ClipSampler(
+            self.transform, self.cfg.num_frames, max_pixels=self.cfg.max_image_pixels
+        )
         decode = partial(
             _decode_train,
             transform=self.transform,
+            clips=clips,
             rng=_rng(key, "crop"),
             skips=skips,
             sources=self.cfg.train,
@@ -184,13 +200,15 @@ class TrainStream(IterableDataset):
             partial(self._samples, key, worker, num_workers, skips),
             shuffle if buffer > 1 else None,
             decode,
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            partial(
+                batched_by_modality, batch_size=self.batch_size, collate=collate, partial=False
+            ),
         )
         return iter(pipeline)
 
     def _samples(
         self, key: str, worker: int, num_workers: int, skips: SkipCounter
-    ) -> Iterator[Sample]:
+    ) -> Iterator[Sample | VideoSample]:
         sources = self.cfg.train
         if self.cfg.resampled:
             streams = [
@@ -214,7 +232,7 @@ class TrainStream(IterableDataset):
         )
         return (sample for i, url in mine for sample in self._read(url, source=i, skips=skips))
 
-    def _read(self, url: str, *, source: int, skips: SkipCounter) -> Iterator[Sample]:
+    def _read(self, url: str, *, source: int, skips: SkipCounter) -> Iterator[Sample | VideoSample]:
         for raw in read_shard(url, skips):
             sample = parse_sample(
                 raw, max_image_pixels=self.cfg.max_image_pixels, skips=skips, source=source
@@ -224,46 +242,92 @@ class TrainStream(IterableDataset):
 
 
 def _decode_train(
-    samples: Iterator[Sample],
+    samples: Iterator[Sample | VideoSample],
     *,
     transform: CropResize,
+    clips: ClipSampler,
     rng: random.Random,
     skips: SkipCounter,
     sources: Sequence[Source],
-) -> Iterator[tuple[np.ndarray, str]]:
+) -> Iterator[tuple[Pixels, str]]:
     decoded = [0] * len(sources)
     failed = [0] * len(sources)
     for sample in samples:
-        pixels = decode_pixels(sample, transform, rng, skips)
+        if isinstance(sample, Sample):
+            pixels = decode_pixels(sample, transform, rng, skips)
+        else:
+            pixels = decode_clip(sample, clips, rng, skips)
         if pixels is None:
             failed[sample.source] += 1
             if (
                 not decoded[sample.source]
                 and failed[sample.source] >= MAX_UNDECODABLE_BEFORE_FIRST_IMAGE
             ):
+                kind = "images" if isinstance(sample, Sample) else "videos"
                 raise DataSourceError(
                     f"source '{sources[sample.source].url}' yields no usable sample: its first "
-                    f"{failed[sample.source]} images could not be decoded."
+                    f"{failed[sample.source]} {kind} could not be decoded."
                 )
             continue
         decoded[sample.source] += 1
         yield pixels, rng.choice(sample.captions)
 
 
+T = TypeVar("T")
+
+
+def batched_by_modality(
+    items: Iterable[tuple[Pixels, T]],
+    *,
+    batch_size: int,
+    collate: Callable[[list[tuple[Pixels, T]]], dict[str, Any]],
+    partial: bool,
+) -> Iterator[dict[str, Any]]:
+    """Batches of `batch_size` items that are all images or all video clips.
+
+    One pending batch per modality (told apart by the pixels' rank: 3 for an image, 4 for a
+    clip); whichever fills first is emitted, so mixed sources keep their mixing ratio over time
+    and no item waits for a batch of the other kind. As in webdataset's `batched`, a full batch
+    is emitted when the next item arrives (so it carries the skips counted while reading up to
+    that item) or at the end. With `partial`, unfilled batches are emitted at the end
+    (evaluation); otherwise they are dropped.
+    """
+    pending: dict[int, list[tuple[Pixels, T]]] = {}
+    full: list[int] = []  # modalities whose pending batch is full, in the order they filled
+    for item in items:
+        while full:
+            yield collate(pending.pop(full.pop(0)))
+        batch = pending.setdefault(item[0].ndim, [])
+        batch.append(item)
+        if len(batch) == batch_size:
+            full.append(item[0].ndim)
+    for batch in pending.values():
+        if len(batch) == batch_size or (partial and batch):
+            yield collate(batch)
+
+
 def _collate_train(
-    items: list[tuple[np.ndarray, str]],
+    items: list[tuple[Pixels, str]],
     *,
     tokens: CaptionTokens,
     mean: Sequence[float],
     std: Sequence[float],
     skips: SkipCounter,
 ) -> dict[str, Any]:
-    pixels = np.stack([pixels for pixels, _ in items])  # (B, S, S, 3) uint8
     return {
-        "image": normalize_batch(pixels, mean, std),  # (B, 3, S, S) float32
+        "image": _normalized(np.stack([pixels for pixels, _ in items]), mean, std),
         "text": tokens([caption for _, caption in items]),  # (B, L) long
         "skips": skips.take(),
     }
+
+
+def _normalized(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S); clips (B, T, S, S, 3) -> (B, T, 3, S, S)."""
+    if pixels.ndim == 4:
+        return normalize_batch(pixels, mean, std)
+    b, t = pixels.shape[:2]
+    frames = normalize_batch(pixels.reshape(b * t, *pixels.shape[2:]), mean, std)
+    return frames.view(b, t, *frames.shape[1:])
 
 
 class CaptionTokens:
@@ -316,22 +380,34 @@ def iter_eval_batches(
     batch_size: int,
     max_items: int = 0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Iterator[dict[str, Any]]:
     """Evaluation batches in shard order, in this process: `{"image": float32 (B, 3, S, S),
     "captions": list of all caption lines per item, "key": list[str], "meta": list[dict]
     (parsed json or {}), "skips": {reason: n}}`. Resize + center crop, no shuffling; at most
-    `max_items` items (0 = all). A source that yields no usable item raises `DataSourceError`."""
+    `max_items` items (0 = all). A source that yields no usable item raises `DataSourceError`.
+
+    Video items give batches of "image" float32 (B, T, 3, S, S), T = `num_frames`: the middle
+    frame of each of T equal segments of the video (or of its first `json["clips"]` range). A
+    batch holds images only or videos only; with mixed sources, items of the kind that fills a
+    batch first come out first."""
     skips = SkipCounter()
-    items = _eval_items(sources, EvalTransform(image_size), max_image_pixels, skips)
+    transform = EvalTransform(image_size)
+    clips = ClipSampler(transform, num_frames, max_pixels=max_image_pixels)
+    items = _eval_items(sources, transform, clips, max_image_pixels, skips)
     if max_items:
         items = islice(items, max_items)
     collate = partial(_collate_eval, mean=mean, std=std, skips=skips)
-    yield from wds.batched(batch_size, collation_fn=collate, partial=True)(items)
+    yield from batched_by_modality(items, batch_size=batch_size, collate=collate, partial=True)
 
 
 def _eval_items(
-    sources: Sequence[Source], transform: CropResize, max_image_pixels: int, skips: SkipCounter
-) -> Iterator[tuple[np.ndarray, Sample]]:
+    sources: Sequence[Source],
+    transform: CropResize,
+    clips: ClipSampler,
+    max_image_pixels: int,
+    skips: SkipCounter,
+) -> Iterator[tuple[Pixels, Sample | VideoSample]]:
     for source in sources:
         n_items = 0
         for url in expand_urls(source.url):
@@ -339,7 +415,10 @@ def _eval_items(
                 sample = parse_sample(raw, max_image_pixels=max_image_pixels, skips=skips)
                 if sample is None:
                     continue
-                pixels = decode_pixels(sample, transform, None, skips)
+                if isinstance(sample, Sample):
+                    pixels = decode_pixels(sample, transform, None, skips)
+                else:
+                    pixels = decode_clip(sample, clips, None, skips)
                 if pixels is not None:
                     n_items += 1
                     yield pixels, sample
@@ -351,14 +430,14 @@ def _eval_items(
 
 
 def _collate_eval(
-    items: list[tuple[np.ndarray, Sample]],
+    items: list[tuple[Pixels, Sample | VideoSample]],
     *,
     mean: Sequence[float],
     std: Sequence[float],
     skips: SkipCounter,
 ) -> dict[str, Any]:
     return {
-        "image": normalize_batch(np.stack([pixels for pixels, _ in items]), mean, std),
+        "image": _normalized(np.stack([pixels for pixels, _ in items]), mean, std),
         "captions": [sample.captions for _, sample in items],
         "key": [sample.key for _, sample in items],
         "meta": [sample.meta() for _, sample in items],

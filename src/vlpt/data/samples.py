@@ -3,9 +3,10 @@
 A raw sample is what `vlpt.data.shards.read_shard` yields: the files that share a key in a tar
 shard, as `{"__key__": str, "__url__": str, "<ext>": bytes, ...}`. `parse_sample` checks it
 cheaply (fields, caption text, image header) and returns a `Sample` whose image is opened but not
-yet decoded, so a shuffle buffer holds compressed bytes, not pixels. Decoding happens later, once,
-in `decode_pixels`. Nothing here raises on bad data: every rejected sample is counted in a
-`SkipCounter` under a `SkipReason`.
+yet decoded, so a shuffle buffer holds compressed bytes, not pixels; a sample with a video file
+(and no image) becomes a `VideoSample` holding the video's bytes. Decoding happens later, once,
+in `decode_pixels` (images) or `vlpt.data.video.decode_clip` (videos). Nothing here raises on bad
+data: every rejected sample is counted in a `SkipCounter` under a `SkipReason`.
 """
 
 from __future__ import annotations
@@ -25,18 +26,34 @@ from PIL import Image
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """File extensions of the media file of an image sample, in order of preference."""
 
+VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "webm", "mkv", "avi", "mov")
+"""File extensions of the media file of a video sample (used when no image file is present)."""
+
 
 class SkipReason(str, Enum):
     """Why a sample (or a whole shard) was not used. The value is the name shown in reports."""
 
     MISSING_IMAGE = "missing_image"
-    """The sample has no jpg/jpeg/png/webp file."""
+    """The sample has no media file: no jpg/jpeg/png/webp image, no mp4/webm/mkv/avi/mov video."""
     EMPTY_FILE = "empty_file"
-    """The image or caption file has zero bytes."""
+    """The image, video or caption file has zero bytes."""
     UNDECODABLE_IMAGE = "undecodable_image"
     """The image file is not an image PIL can read, or its data is truncated."""
     IMAGE_TOO_LARGE = "image_too_large"
-    """Width * height (read from the header) exceeds `max_image_pixels`: a decompression bomb."""
+    """Width * height (read from the header) exceeds `max_image_pixels`: a decompression bomb
+    (for a video: its frame size)."""
+    UNDECODABLE_VIDEO = "undecodable_video"
+    """The video file is not a container FFmpeg can open, or a sampled frame fails to decode."""
+    TRUNCATED_VIDEO = "truncated_video"
+    """The video is an MP4/MOV file cut short (its boxes run past the end of the file) that
+    cannot give the sampled frames."""
+    NO_VIDEO_STREAM = "no_video_stream"
+    """The video container holds no video stream (e.g. audio only)."""
+    UNSUPPORTED_CODEC = "unsupported_codec"
+    """The video stream's codec has no decoder in this FFmpeg build."""
+    CLIP_OUT_OF_RANGE = "clip_out_of_range"
+    """The clip chosen from `json["clips"]` lies outside the video, or is not a [start, end]
+    pair of seconds."""
     MISSING_CAPTION = "missing_caption"
     """The sample has no txt file."""
     EMPTY_CAPTION = "empty_caption"
@@ -90,36 +107,68 @@ class Sample:
 
     def meta(self) -> dict[str, Any]:
         """The json metadata as a dict, or `{}` when there is none or it is not a JSON object."""
-        if not self.meta_bytes:
-            return {}
-        try:
-            meta = json.loads(self.meta_bytes)
-        except ValueError:
-            return {}
-        return meta if isinstance(meta, dict) else {}
+        return _parse_meta(self.meta_bytes)
+
+
+@dataclass(slots=True)
+class VideoSample:
+    """A video sample that passed the cheap checks; its container is opened only when decoded."""
+
+    key: str
+    data: bytes
+    """The compressed video file (`ext`)."""
+    ext: str
+    captions: list[str]
+    """Non-empty lines of the txt file, stripped."""
+    meta_bytes: bytes | None = None
+    """The raw json file, parsed only when asked (`VideoSample.meta`)."""
+    source: int = 0
+    """Index of the source the sample came from (set by the caller)."""
+    url: str = ""
+    """The shard the sample was read from."""
+
+    def meta(self) -> dict[str, Any]:
+        """The json metadata as a dict (video2dataset: `clips`, `duration`...), or `{}`."""
+        return _parse_meta(self.meta_bytes)
+
+
+def _parse_meta(meta_bytes: bytes | None) -> dict[str, Any]:
+    if not meta_bytes:
+        return {}
+    try:
+        meta = json.loads(meta_bytes)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def parse_sample(
     raw: dict[str, Any], *, max_image_pixels: int, skips: SkipCounter, source: int = 0
-) -> Sample | None:
+) -> Sample | VideoSample | None:
     """Check a raw sample and open its image lazily; count and return None when it is unusable.
 
     Checks run cheapest first; the image header is read (PIL's lazy `Image.open`) to reject
-    non-images and decompression bombs before any pixel is decoded.
+    non-images and decompression bombs before any pixel is decoded. A sample with a video file
+    and no image file becomes a `VideoSample` (bytes kept as they are; checked when decoded).
     """
     checked = _check(raw, max_image_pixels)
     if isinstance(checked, SkipReason):
         skips.add(checked)
         return None
+    if isinstance(checked, VideoSample):
+        checked.source = source
+        return checked
     image, captions = checked
     return Sample(raw["__key__"], image, captions, raw.get("json"), source, raw.get("__url__", ""))
 
 
-def _check(raw: dict[str, Any], max_pixels: int) -> tuple[Image.Image, list[str]] | SkipReason:
+def _check(
+    raw: dict[str, Any], max_pixels: int
+) -> tuple[Image.Image, list[str]] | VideoSample | SkipReason:
     """The lazily opened image and the captions of a raw sample, or why it is unusable."""
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
-        return SkipReason.MISSING_IMAGE
+        return _check_video(raw)
     captions = _captions(raw.get("txt"))
     if isinstance(captions, SkipReason):
         return captions
@@ -127,6 +176,20 @@ def _check(raw: dict[str, Any], max_pixels: int) -> tuple[Image.Image, list[str]
         return SkipReason.EMPTY_FILE
     image = _open_image(image_bytes, max_pixels)
     return image if isinstance(image, SkipReason) else (image, captions)
+
+
+def _check_video(raw: dict[str, Any]) -> VideoSample | SkipReason:
+    ext = next((ext for ext in VIDEO_EXTENSIONS if ext in raw), None)
+    if ext is None:
+        return SkipReason.MISSING_IMAGE
+    captions = _captions(raw.get("txt"))
+    if isinstance(captions, SkipReason):
+        return captions
+    if not raw[ext]:
+        return SkipReason.EMPTY_FILE
+    return VideoSample(
+        raw["__key__"], raw[ext], ext, captions, raw.get("json"), url=raw.get("__url__", "")
+    )
 
 
 def _captions(text: bytes | None) -> list[str] | SkipReason:
