@@ -155,7 +155,7 @@ def test_enabling_an_objective_without_its_head_is_one_clear_error():
             load_config(None, [f"model.name={MICRO_MODEL}", "objectives.mlm.enabled=true"]),
             build_model(MICRO_MODEL),
         )
-    with pytest.raises(ConfigError, match=r"objectives\.mim.*mae_decoder"):
+    with pytest.raises(ConfigError, match=r"objectives\.mim.*MAE decoder"):
         build_objectives(
             load_config(None, [f"model.name={MICRO_MODEL}", "objectives.mim.enabled=true"]),
             build_model(MICRO_MODEL),

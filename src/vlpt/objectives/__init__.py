@@ -49,14 +49,18 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
     return nn.ModuleList(objectives)
 
 
+_HEAD_NAMES = {"fusion": "fusion encoder", "mae_decoder": "MAE decoder"}
+
+
 def _check_heads(
     key: str, objective: nn.Module, model: VisionLanguageModel, model_name: str
 ) -> None:
     missing = [h for h in getattr(objective, "heads", ()) if h not in model.heads()]
     if missing:
         entry = "mae_cfg" if "mae_decoder" in missing else "fusion_cfg"
+        head = _HEAD_NAMES.get(missing[0], missing[0])
         raise ConfigError(
-            f"config enables {key}, but model '{model_name}' has no {missing[-1]} (its JSON has "
+            f"config enables {key}, but model '{model_name}' has no {head} (its JSON has "
             f'no "{entry}"); use a model with that head, e.g. model.name=tiny-masked, or set '
             f"{key}.enabled=false."
         )
