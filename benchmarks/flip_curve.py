@@ -1,0 +1,206 @@
+"""FLIP: val text->image R@1 against training minutes at 0%, 50% and 75% patch dropout.
+
+    .venv/bin/python benchmarks/flip_curve.py [--minutes 10] [--unmasked-tuning 0.05] [--quick]
+
+For each dropout ratio, one after the other (never two runs at a time):
+1. Calibrate: `--calib-steps` steps of `configs/pretrain/synthetic-tiny.yaml` at that ratio give
+   its samples/s.
+2. Race: a run whose `train.max_steps` is what that rate does in `--minutes`, so its cosine
+   schedule ends on time at every ratio (`train.max_minutes` stops it if the machine slows
+   down), evaluated on val every sixth of the way. Training minutes exclude evaluation.
+
+Writes a PNG of the curves (`--png`, default benchmarks/results/flip_curve.png) and prints one
+JSON line: per ratio samples/s (from the race's own metric windows), steps, final and best R@1
+and the curve; `speedup_50` / `speedup_75` (samples/s over the 0% run's) and `r1_gap_50` (final
+R@1 at 50% minus at 0%). The issue's targets: speedup_50 >= 1.6 and r1_gap_50 >= 0.
+`--quick` shrinks everything (checks that the script works; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/pretrain/synthetic-tiny.yaml"
+
+
+def log(message: str) -> None:
+    print(f"[flip_curve] {message}", file=sys.stderr, flush=True)
+
+
+def run_pretrain(work: Path, name: str, overrides: list[str], threads: int) -> list[dict]:
+    """`vlpt pretrain CONFIG overrides` as a subprocess; returns its metrics.jsonl records."""
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "vlpt.cli", "pretrain", CONFIG, *overrides]
+    cmd += [f"output_dir={out}", "resume=", "train.progress=false", f"train.threads={threads}"]
+    log(f"{name}: {shlex.join(cmd)}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    console = work / f"{name}.log"
+    with console.open("w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run '{name}' failed; see {console}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def samples_per_second(records: list[dict], discard_steps: int) -> float:
+    """Training samples/s over the metric windows after the first `discard_steps` steps."""
+    samples = seconds = 0.0
+    previous_step, previous_samples = 0, 0
+    for r in records:
+        if "samples_per_s" not in r:
+            continue
+        n = r["samples"] - previous_samples
+        if previous_step >= discard_steps:
+            samples, seconds = samples + n, seconds + n / r["samples_per_s"]
+        previous_step, previous_samples = r["step"], r["samples"]
+    if not samples:
+        raise RuntimeError(f"no metric window after step {discard_steps}")
+    return samples / seconds
+
+
+def eval_curve(records: list[dict]) -> list[tuple[float, float]]:
+    """(training minutes, val t2i R@1) of every evaluation of a run."""
+    return [(r["minutes"], r["eval/val/t2i_r1"]) for r in records if "eval/val/t2i_r1" in r]
+
+
+def race(args: argparse.Namespace, work: Path, ratio: float, common: list[str]) -> dict:
+    """Calibrate, then train for `args.minutes` at this dropout ratio; the run's summary."""
+    name = f"drop{int(round(ratio * 100)):02d}"
+    dropout = [f"model.patch_dropout={ratio}"]
+    calib = run_pretrain(
+        work,
+        f"{name}-calibrate",
+        [
+            *common,
+            *dropout,
+            f"train.max_steps={args.calib_steps}",
+            "data.val=[]",
+            "train.log_every=2",
+        ],
+        args.threads,
+    )
+    rate = samples_per_second(calib, discard_steps=args.calib_steps // 3)
+    steps = max(6, int(args.minutes * 60 * rate / args.batch_size))
+    tuning = [f"model.unmasked_tuning={args.unmasked_tuning}"] if ratio > 0 else []
+    records = run_pretrain(
+        work,
+        name,
+        [
+            *common,
+            *dropout,
+            *tuning,
+            f"train.max_steps={steps}",
+            f"train.max_minutes={args.minutes * 1.1}",
+            f"train.eval_every={max(1, steps // 6)}",
+            f"train.ckpt_every={steps}",
+        ],
+        args.threads,
+    )
+    curve = eval_curve(records)
+    return {
+        "patch_dropout": ratio,
+        "samples_per_s": round(samples_per_second(records, discard_steps=min(30, steps // 3)), 1),
+        "steps": max(r["step"] for r in records),
+        "final_r1": round(curve[-1][1], 4),
+        "best_r1": round(max(r1 for _, r1 in curve), 4),
+        "curve": [[round(m, 2), round(r1, 4)] for m, r1 in curve],
+    }
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for run in runs:
+        minutes, r1 = zip(*run["curve"])
+        label = f"{run['patch_dropout']:.0%} dropout ({run['samples_per_s']:.0f} samples/s)"
+        ax.plot(minutes, r1, marker="o", label=label)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("val text->image R@1")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="training minutes per ratio")
+    parser.add_argument("--ratios", default="0,0.5,0.75", help="patch dropout ratios to race")
+    parser.add_argument(
+        "--unmasked-tuning",
+        type=float,
+        default=0.0,
+        help="model.unmasked_tuning of the dropout runs (fraction or steps; 0 = none)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-steps", type=int, default=30)
+    parser.add_argument("--data", default="data/synthetic", help="synthetic world folder")
+    parser.add_argument("--png", default="benchmarks/results/flip_curve.png")
+    parser.add_argument("--work-dir", default="", help="keep runs here (default: a temp folder)")
+    parser.add_argument("--quick", action="store_true", help="tiny budget: checks the script")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
+    common = [
+        f"data.train={args.data}/train",
+        f"data.val={args.data}/val",
+        "data.test=[]",
+        "eval.zeroshot=[]",
+        f"train.batch_size={args.batch_size}",
+        "train.log_every=10",
+    ]
+    if args.quick:
+        args.minutes, args.calib_steps = 0.25, 6
+        common += ["eval.max_items=100", "train.warmup_steps=2", "train.log_every=2"]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="flip-curve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    runs = [race(args, work, ratio, common) for ratio in ratios]
+    by_ratio = {run["patch_dropout"]: run for run in runs}
+    base = by_ratio.get(0.0)
+    png = REPO / args.png
+    plot(runs, png, f"FLIP on the synthetic world, tiny, {args.minutes:g} min per run")
+    result = {
+        "benchmark": "flip_curve",
+        "minutes": args.minutes,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "unmasked_tuning": args.unmasked_tuning,
+        "quick": args.quick,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "png": str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png),
+        "runs": runs,
+    }
+    if base is not None:
+        for ratio, key in ((0.5, "50"), (0.75, "75")):
+            if ratio in by_ratio:
+                result[f"speedup_{key}"] = round(
+                    by_ratio[ratio]["samples_per_s"] / base["samples_per_s"], 3
+                )
+                result[f"r1_gap_{key}"] = round(by_ratio[ratio]["final_r1"] - base["final_r1"], 4)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
