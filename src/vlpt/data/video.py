@@ -139,9 +139,11 @@ class ClipSampler:
         self._reformatter: VideoReformatter | None = None  # made in the worker, keeps swscale state
 
     def __call__(
-        self, data: bytes, meta: dict[str, Any], rng: random.Random | None = None
+        self, data: bytes, meta: dict[str, Any] | None = None, rng: random.Random | None = None
     ) -> np.ndarray:
-        """The clip's frames as uint8 (T, S, S, 3); raises `UnusableVideo` with the reason."""
+        """The clip's frames as uint8 (T, S, S, 3); raises `UnusableVideo` with the reason.
+
+        `meta` is the sample's json (only `clips` is read); `rng` None means evaluation."""
         if not data:
             raise UnusableVideo(SkipReason.EMPTY_FILE)
         try:
@@ -149,7 +151,7 @@ class ClipSampler:
         except Exception:  # FFmpeg raises many types for garbage input
             raise UnusableVideo(_unreadable(data)) from None
         try:
-            return self._sample(container, meta, rng)
+            return self._sample(container, meta or {}, rng)
         except UnusableVideo as e:
             if e.reason is SkipReason.UNDECODABLE_VIDEO:
                 raise UnusableVideo(_unreadable(data)) from None
