@@ -1,9 +1,10 @@
 """Retrieval re-ranked by the image-text matching head (ALBEF/BLIP's two-stage retrieval).
 
 The contrastive embeddings rank all candidates cheaply; the ITM head, which reads caption and
-image together through the fusion encoder, re-scores only each query's top k. Items beyond the
-top k keep their contrastive order below the re-scored ones, so Recall@K for K <= k is decided
-by the ITM head and the metrics (same keys as `retrieval_metrics`) stay comparable.
+image together through the fusion encoder, re-scores only each query's top k (new score = ITM
+match logit + contrastive similarity, BLIP's rule). Items beyond the top k keep their
+contrastive order below the re-scored ones, so the metrics (same keys as `retrieval_metrics`)
+stay comparable.
 
     data = embed_with_visual_tokens(model, tokenizer, sources)
     metrics = reranked_retrieval_metrics(model, tokenizer, data, k=16)
@@ -46,12 +47,16 @@ def itm_scores(
 def rerank_top_k(
     scores: torch.Tensor, k: int, rescore: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `scores` (Q, C) with their top k replaced by `_ABOVE_ALL + rescore`, where
-    `rescore(queries (P,), candidates (P,)) -> (P,)` scores the pairs -> (new scores, top k)."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
-    queries = torch.arange(len(scores), device=scores.device)[:, None].expand_as(top)
-    new = rescore(queries.reshape(-1), top.reshape(-1)).view_as(top).to(scores.dtype)
-    return scores.scatter(1, top, _ABOVE_ALL + new), top
+    """Rows of `scores` (Q, C) with their top k replaced by `_ABOVE_ALL + rescore + score`,
+    where `rescore(queries (P,), candidates (P,)) -> (P,)` scores the pairs. As in BLIP, the
+    contrastive score is kept in the sum: it breaks the ITM head's ties, and an untrained
+    head cannot make the ranking worse than a constant shift -> (new scores, top k)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
+    queries = torch.arange(len(scores), device=scores.device)[:, None].expand_as(top.indices)
+    new = rescore(queries.reshape(-1), top.indices.reshape(-1)).view_as(top.indices)
+    return scores.scatter(
+        1, top.indices, _ABOVE_ALL + new.to(scores.dtype) + top.values
+    ), top.indices
 
 
 @torch.no_grad()
