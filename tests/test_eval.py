@@ -170,7 +170,7 @@ def test_embed_eval_set_keeps_caption_owners_and_restores_mode(monkeypatch, tmp_
     captions = [["a red circle", "red"], ["a blue star"], ["x", "y", "z"]]
     images = torch.randn(3, 3, 32, 32)
 
-    def fake_batches(sources, *, image_size, mean, std, batch_size, max_items=0):
+    def fake_batches(sources, *, image_size, mean, std, batch_size, max_items=0, num_frames=8):
         for i in range(0, 3, batch_size):  # two batches: items [0, 1] and [2]
             rows = slice(i, i + batch_size)
             n = len(captions[rows])

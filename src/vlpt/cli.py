@@ -127,6 +127,7 @@ def _run_eval(args: argparse.Namespace, evaluate: Callable[..., dict], **extra: 
         max_items=args.max_items,
         device=device,
         precision=args.precision,
+        num_frames=cfg.data.num_frames,
         **extra,
     )
     _print_result(result, args.json)
@@ -146,6 +147,12 @@ def cmd_eval_mlm(args: argparse.Namespace) -> None:
     from vlpt.eval.masked import evaluate_mlm
 
     _run_eval(args, evaluate_mlm)
+
+
+def cmd_eval_temporal(args: argparse.Namespace) -> None:
+    from vlpt.eval import evaluate_temporal
+
+    _run_eval(args, evaluate_temporal)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
@@ -274,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (
         ("retrieval", cmd_eval_retrieval, "text<->image recall@1/5/10, multi-caption protocol"),
         ("zeroshot", cmd_eval_zeroshot, "zero-shot classification of synthetic-world attributes"),
+        ("temporal", cmd_eval_temporal, "clips: true vs time-reversed caption / clip accuracy"),
         ("mlm", cmd_eval_mlm, "masked-token accuracy of the MLM head, real vs shuffled image"),
     ):
         p = ev.add_parser(name, help=helptext)
@@ -288,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
         if name == "zeroshot":
-            p.add_argument("--task", default="shape", choices=["shape", "colour"])
+            p.add_argument("--task", default="shape", choices=["shape", "colour", "action"])
         if name == "retrieval":
             p.add_argument(
                 "--rerank-k",

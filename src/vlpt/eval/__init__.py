@@ -4,11 +4,15 @@
     metrics = retrieval_metrics(emb.image, emb.text, emb.text_to_image)
     metrics |= evaluate_zeroshot(model, tokenizer, sources, task=("shape", "colour"), embeddings=emb)
 
-`evaluate_retrieval` / `evaluate_zeroshot` without `embeddings` do the embedding pass themselves.
+    metrics |= temporal_metrics(emb)  # clips of the synthetic video world
+
+`evaluate_retrieval` / `evaluate_zeroshot` without `embeddings` and `evaluate_temporal` do the
+embedding pass themselves.
 """
 
 from vlpt.eval.embed import EvalEmbeddings, embed_eval_set, encode_captions
 from vlpt.eval.retrieval import evaluate_retrieval, retrieval_metrics
+from vlpt.eval.temporal import evaluate_temporal, temporal_metrics
 from vlpt.eval.zeroshot import (
     TASKS,
     evaluate_zeroshot,
@@ -22,8 +26,10 @@ __all__ = [
     "embed_eval_set",
     "encode_captions",
     "evaluate_retrieval",
+    "evaluate_temporal",
     "evaluate_zeroshot",
     "retrieval_metrics",
     "synthetic_task_labels",
+    "temporal_metrics",
     "zeroshot_metrics",
 ]

@@ -1,7 +1,9 @@
-"""Embed an evaluation set once: every image, and every caption of every image.
+"""Embed an evaluation set once: every image or clip, and every caption of every item.
 
-Retrieval and zero-shot classification both start from these embeddings, so the model runs
-over the shards a single time however many metrics are computed from them.
+Retrieval, zero-shot classification and temporal order all start from these embeddings, so the
+model runs over the shards a single time however many metrics are computed from them. Clips
+whose metadata carry `reversed_captions` (the synthetic video world) are also embedded played
+backwards, with those captions, for the temporal-order metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from vlpt.config import Source
-from vlpt.data.loader import iter_eval_batches
+from vlpt.data.loader import DEFAULT_NUM_FRAMES, iter_eval_batches
 from vlpt.models import VisionLanguageModel
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -31,6 +33,11 @@ class EvalEmbeddings:
     keys: list[str] = field(default_factory=list)  # (N) sample keys
     meta: list[dict[str, Any]] = field(default_factory=list)  # (N) parsed `.json` metadata
     skips: dict[str, int] = field(default_factory=dict)  # bad samples skipped, per reason
+    # Temporal order (clips with `reversed_captions` only; empty otherwise):
+    reversed_rows: torch.Tensor | None = None  # (R,) long: the items that have them
+    image_reversed: torch.Tensor | None = None  # (R, D): those clips, frames in reverse order
+    text_reversed: torch.Tensor | None = None  # (M_R, D): reversed caption paired with each
+    reversed_text_rows: torch.Tensor | None = None  # (M_R,) long: caption row it pairs with
 
 
 @contextlib.contextmanager
@@ -75,10 +82,12 @@ def embed_eval_set(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     with_text: bool = True,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> EvalEmbeddings:
     """Run `model` over `vlpt.data.iter_eval_batches(sources)`; `with_text=False` skips captions.
 
-    `model` is the bare `VisionLanguageModel` (not a DDP wrapper); `max_items=0` means all items.
+    `model` is the bare `VisionLanguageModel` (not a DDP wrapper); `max_items=0` means all items;
+    clips are sampled at `num_frames` frames.
     """
     images: list[torch.Tensor] = []  # (B, D) per batch
     texts: list[torch.Tensor] = []  # (captions in batch, D) per batch
@@ -86,6 +95,7 @@ def embed_eval_set(
     keys: list[str] = []
     metas: list[dict[str, Any]] = []
     skips: Counter[str] = Counter()
+    reversed_parts: dict[str, list[torch.Tensor]] = {"rows": [], "image": [], "text": [], "owner": []}
     batches = iter_eval_batches(
         sources,
         image_size=model.image_size,
@@ -93,20 +103,38 @@ def embed_eval_set(
         std=model.image_std,
         batch_size=batch_size,
         max_items=max_items,
+        num_frames=num_frames,
     )
     with evaluation_mode(model, device, precision):
         for batch in batches:
             first = len(keys)  # index of this batch's first item
-            images.append(model.encode_image(batch["image"].to(device)).float())  # (B, D)
+            first_caption = len(owners)
+            pixels = batch["image"].to(device)
+            images.append(model.encode_image(pixels).float())  # (B, D)
             captions = [c for item in batch["captions"] for c in item]
             if with_text and captions:
                 texts.append(encode_captions(model, tokenizer, captions, device, batch_size))
                 owners += [first + i for i, item in enumerate(batch["captions"]) for _ in item]
+                if pixels.ndim == 5:
+                    _embed_reversed(
+                        model, tokenizer, pixels, batch, first, first_caption, device,
+                        reversed_parts,
+                    )
             keys += batch["key"]
             metas += batch["meta"]
             skips.update(batch.get("skips", {}))
     dim = images[0].shape[1] if images else 0
+    if reversed_parts["rows"]:
+        reversed_fields = {
+            "reversed_rows": torch.cat(reversed_parts["rows"]),
+            "image_reversed": torch.cat(reversed_parts["image"]),
+            "text_reversed": torch.cat(reversed_parts["text"]),
+            "reversed_text_rows": torch.cat(reversed_parts["owner"]),
+        }
+    else:
+        reversed_fields = {}
     return EvalEmbeddings(
+        **reversed_fields,  # type: ignore[arg-type]
         image=torch.cat(images) if images else torch.empty(0, dim, device=device),
         text=torch.cat(texts) if texts else torch.empty(0, dim, device=device),
         text_to_image=torch.tensor(owners, dtype=torch.long, device=device),
@@ -114,3 +142,35 @@ def embed_eval_set(
         meta=metas,
         skips=dict(skips),
     )
+
+
+def _embed_reversed(
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    clips: torch.Tensor,
+    batch: dict[str, Any],
+    first: int,
+    first_caption: int,
+    device: str | torch.device,
+    parts: dict[str, list[torch.Tensor]],
+) -> None:
+    """Embed the batch's clips that carry `reversed_captions` backwards, and those captions:
+    caption k of an item pairs with reversed caption k (cycling when there are fewer)."""
+    rows: list[int] = []
+    reversed_captions: list[str] = []
+    caption_rows: list[int] = []
+    caption_row = first_caption
+    for i, (captions, meta) in enumerate(zip(batch["captions"], batch["meta"])):
+        flipped = meta.get("reversed_captions") or []
+        if flipped:
+            rows.append(i)
+            reversed_captions += [flipped[k % len(flipped)] for k in range(len(captions))]
+            caption_rows += range(caption_row, caption_row + len(captions))
+        caption_row += len(captions)
+    if not rows:
+        return
+    index = torch.tensor(rows, device=clips.device)
+    parts["rows"].append(torch.tensor(rows, dtype=torch.long, device=device) + first)
+    parts["image"].append(model.encode_image(clips[index].flip(1)).float())
+    parts["text"].append(encode_captions(model, tokenizer, reversed_captions, device))
+    parts["owner"].append(torch.tensor(caption_rows, dtype=torch.long, device=device))

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from vlpt.config import Source
+from vlpt.data.loader import DEFAULT_NUM_FRAMES
 from vlpt.eval.embed import Tokenizer, embed_eval_set
 from vlpt.models import VisionLanguageModel
 
@@ -89,8 +90,10 @@ def evaluate_retrieval(
     max_items: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> dict[str, float | int]:
-    """Embed the evaluation shards with `model` and return `retrieval_metrics` on them."""
+    """Embed the evaluation shards (images or clips of `num_frames` frames) with `model` and
+    return `retrieval_metrics` on them."""
     emb = embed_eval_set(
         model,
         tokenizer,
@@ -99,5 +102,6 @@ def evaluate_retrieval(
         max_items=max_items,
         device=device,
         precision=precision,
+        num_frames=num_frames,
     )
     return retrieval_metrics(emb.image, emb.text, emb.text_to_image)

@@ -1,8 +1,10 @@
 """Zero-shot classification: class names + prompt templates -> text classifier -> top-1.
 
-The generic part (`zeroshot_metrics`) works for any labelled images. The synthetic world's
-tasks (`shape`, `colour`) read labels from each item's `.json`: items showing exactly one object
-are classified by that object's attribute, against the world's whole vocabulary.
+The generic part (`zeroshot_metrics`) works for any labelled images or clips. The synthetic
+world's tasks read labels from each item's `.json`: for `shape` and `colour`, items showing
+exactly one object are classified by that object's attribute; for `action` (video), clips with
+exactly one event are classified by its action ("moves left", "grows", ...). Each is scored
+against the world's whole vocabulary.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from vlpt.config import Source
-from vlpt.data.synthetic import COLOURS, SHAPES
+from vlpt.data.loader import DEFAULT_NUM_FRAMES
+from vlpt.data.synthetic import ACTIONS, COLOURS, SHAPES
 from vlpt.eval.embed import EvalEmbeddings, Tokenizer, embed_eval_set, evaluation_mode
 from vlpt.models import VisionLanguageModel
 
@@ -22,6 +25,7 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # task: (vocabulary, templates); templates echo how the synthetic captions phrase things.
     "shape": (SHAPES, ("a {}.", "a photo of a {}.", "a {} shape.", "there is a {}.")),
     "colour": (COLOURS, ("something {}.", "a {} shape.", "a {} object.", "the shape is {}.")),
+    "action": (ACTIONS, ("a shape {}.", "something {}.", "an object {}.", "the shape {}.")),
 }
 
 
@@ -60,9 +64,16 @@ def synthetic_task_labels(
     if task not in TASKS:
         raise ValueError(f"zero-shot task '{task}' is unknown; choose from {', '.join(TASKS)}.")
     vocabulary = list(TASKS[task][0])
-    items = [
-        (i, m["objects"][0][task]) for i, m in enumerate(metas) if len(m.get("objects", [])) == 1
-    ]
+    if task == "action":
+        items = [
+            (i, m["actions"][0]) for i, m in enumerate(metas) if len(m.get("actions", [])) == 1
+        ]
+    else:
+        items = [
+            (i, m["objects"][0][task])
+            for i, m in enumerate(metas)
+            if len(m.get("objects", [])) == 1
+        ]
     classnames = vocabulary + sorted({value for _, value in items} - set(vocabulary))
     index = {name: c for c, name in enumerate(classnames)}
     return [i for i, _ in items], [index[value] for _, value in items], classnames
@@ -79,6 +90,7 @@ def evaluate_zeroshot(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     embeddings: EvalEmbeddings | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> dict[str, float | int]:
     """`zeroshot_{task}_top1` and `zeroshot_{task}_n` for each synthetic-world task.
 
@@ -98,6 +110,7 @@ def evaluate_zeroshot(
             device=device,
             precision=precision,
             with_text=False,
+            num_frames=num_frames,
         )
     metrics: dict[str, float | int] = {}
     for name in tasks:

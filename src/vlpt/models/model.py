@@ -115,7 +115,9 @@ class VisionLanguageModel(nn.Module):
         if images.ndim == 5:
             batch, n_frames = images.shape[:2]
             frames = self.visual(images.flatten(0, 1)).unflatten(0, (batch, n_frames))
-            features = self.temporal(frames) if self.temporal is not None else frames.mean(1)
+            features = (
+                self.temporal(frames) if self.temporal is not None else frames.float().mean(1)
+            )
         else:
             features = self.visual(images)
             if self.temporal is not None:

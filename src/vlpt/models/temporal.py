@@ -58,7 +58,7 @@ class TemporalModule(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if self.transformer is None or self.position is None:
-            return frames.mean(dim=1)
+            return frames.float().mean(dim=1)  # fp32: a clip and its reversal tie to rounding
         n_frames = frames.shape[1]
         if n_frames > self.cfg.max_frames:
             raise ValueError(

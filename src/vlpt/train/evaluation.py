@@ -1,4 +1,5 @@
-"""Evaluation of a run's model on its val / test sources (retrieval + zero-shot, one embedding pass)."""
+"""Evaluation of a run's model on its val / test sources: retrieval, zero-shot and (clips)
+temporal order, from one embedding pass."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 
 from vlpt.config import RunConfig
-from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics
+from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics, temporal_metrics
 from vlpt.eval.masked import embed_with_visual_tokens, evaluate_mim, mlm_metrics
 from vlpt.eval.rerank import itm_hard_negative_accuracy, reranked_retrieval_metrics
 
@@ -36,8 +37,11 @@ def evaluate_run(
             max_items=cfg.eval.max_items,
             device=device,
             precision=cfg.train.precision,
+            num_frames=cfg.data.num_frames,
         )
         metrics = retrieval_metrics(emb.image, emb.text, emb.text_to_image)
+        if emb.reversed_rows is not None:  # clips that know their time-reversed captions
+            metrics.update(temporal_metrics(emb))
         if cfg.eval.zeroshot:
             metrics.update(
                 evaluate_zeroshot(

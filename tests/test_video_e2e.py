@@ -1,0 +1,104 @@
+"""Video end to end: clips + images in one run, temporal-order and action evaluation, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_overrides
+
+from vlpt.cli import main
+from vlpt.data.synthetic import write_video_dataset
+from vlpt.eval import EvalEmbeddings, temporal_metrics
+from vlpt.eval.temporal import order_accuracy
+
+CONFIG = str(ROOT / "configs/pretrain/synthetic-video-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def clip_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clips")
+    write_video_dataset(
+        out, seed=1, n_train=120, n_val=30, n_test=20, size=32, num_frames=8, shard_size=60,
+        workers=1, progress=False,
+    )  # fmt: skip
+    return out
+
+
+def test_order_accuracy_counts_ties_as_half():
+    right = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    wrong = torch.tensor([0.0, 1.0, 0.5, 0.2])
+    assert order_accuracy(right, wrong) == pytest.approx(0.5)
+    assert order_accuracy(right[:1], wrong[:1]) == 1.0
+
+
+def test_temporal_metrics_on_hand_made_embeddings():
+    # Two clips, two captions each; clip 1 has no reversed captions (an image-like item).
+    e = torch.eye(4)
+    emb = EvalEmbeddings(
+        image=torch.stack([e[0], e[1]]),
+        text=torch.stack([e[0], e[0], e[1], e[1]]),
+        text_to_image=torch.tensor([0, 0, 1, 1]),
+        reversed_rows=torch.tensor([0]),
+        image_reversed=torch.stack([e[2]]),  # reversed clip 0 matches none of its captions
+        text_reversed=torch.stack([e[3], e[0]]),  # 1st pair: true wins; 2nd: a tie
+        reversed_text_rows=torch.tensor([0, 1]),
+    )
+    metrics = temporal_metrics(emb)
+    assert metrics["temporal_text_acc"] == pytest.approx(0.75)
+    assert metrics["temporal_video_acc"] == 1.0
+    assert metrics["temporal_n_items"] == 1 and metrics["temporal_n_pairs"] == 2
+    with pytest.raises(ValueError, match="reversed_captions"):
+        temporal_metrics(EvalEmbeddings(torch.eye(2), torch.eye(2), torch.tensor([0, 1])))
+
+
+def _video_run(world: Path, clips: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "pretrain",
+        CONFIG,
+        *run_overrides(world, out, *extra),
+        f"data.train=[{{url: {clips / 'train'}, weight: 0.7}}, {{url: {world / 'train'}, weight: 0.3}}]",
+        f"data.val={clips / 'val'}",
+        f"data.test={clips / 'test'}",
+        "data.num_frames=4",
+        "train.batch_size=16",
+        "eval.max_items=0",
+    ]
+
+
+def test_video_pretrain_and_temporal_eval(synth_world, clip_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(_video_run(synth_world, clip_world, out, "train.max_steps=12", "train.ckpt_every=12"))
+        == 0
+    )
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["step"] == 12
+    for split in ("val", "test"):
+        assert 0.0 <= final[f"{split}/temporal_text_acc"] <= 1.0
+        assert 0.0 <= final[f"{split}/temporal_video_acc"] <= 1.0
+        assert final[f"{split}/n_items"] == {"val": 30, "test": 20}[split]
+    assert final["val/zeroshot_action_n"] > 0
+
+    # Contract: `vlpt eval temporal --json` prints one object with these keys.
+    args = ["--checkpoint", str(out), "--data", str(clip_world / "val"), "--json"]
+    assert main(["eval", "temporal", *args]) == 0
+    temporal = json.loads(capsys.readouterr().out)
+    assert {"temporal_text_acc", "temporal_video_acc", "n_items"} <= set(temporal)
+    assert temporal["n_items"] == 30
+    # Retrieval works on clip shards with the image keys.
+    assert main(["eval", "retrieval", *args]) == 0
+    retrieval = json.loads(capsys.readouterr().out)
+    assert retrieval["n_items"] == 30 and retrieval["n_captions"] == 150
+    assert main(["eval", "zeroshot", "--task", "action", *args]) == 0
+    assert "zeroshot_action_n" in json.loads(capsys.readouterr().out)
+
+
+def test_mean_pooling_cannot_tell_a_clip_from_its_reversal(
+    synth_world, clip_world, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    run = _video_run(synth_world, clip_world, out, "train.max_steps=4", "model.temporal=mean")
+    assert main(run) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["val/temporal_video_acc"] == pytest.approx(0.5, abs=1e-6)  # exact ties
