@@ -95,7 +95,7 @@ def embed_eval_set(
     keys: list[str] = []
     metas: list[dict[str, Any]] = []
     skips: Counter[str] = Counter()
-    reversed_parts: dict[str, list[torch.Tensor]] = {"rows": [], "image": [], "text": [], "owner": []}
+    reversed_parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "image", "text", "owner")}
     batches = iter_eval_batches(
         sources,
         image_size=model.image_size,
@@ -116,10 +116,8 @@ def embed_eval_set(
                 texts.append(encode_captions(model, tokenizer, captions, device, batch_size))
                 owners += [first + i for i, item in enumerate(batch["captions"]) for _ in item]
                 if pixels.ndim == 5:
-                    _embed_reversed(
-                        model, tokenizer, pixels, batch, first, first_caption, device,
-                        reversed_parts,
-                    )
+                    where = (first, first_caption)
+                    _embed_reversed(model, tokenizer, pixels, batch, where, device, reversed_parts)
             keys += batch["key"]
             metas += batch["meta"]
             skips.update(batch.get("skips", {}))
@@ -149,8 +147,7 @@ def _embed_reversed(
     tokenizer: Tokenizer,
     clips: torch.Tensor,
     batch: dict[str, Any],
-    first: int,
-    first_caption: int,
+    where: tuple[int, int],
     device: str | torch.device,
     parts: dict[str, list[torch.Tensor]],
 ) -> None:
@@ -159,7 +156,7 @@ def _embed_reversed(
     rows: list[int] = []
     reversed_captions: list[str] = []
     caption_rows: list[int] = []
-    caption_row = first_caption
+    first, caption_row = where  # rows of the batch's first item and first caption
     for i, (captions, meta) in enumerate(zip(batch["captions"], batch["meta"])):
         flipped = meta.get("reversed_captions") or []
         if flipped:
