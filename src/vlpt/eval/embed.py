@@ -95,7 +95,9 @@ def embed_eval_set(
     keys: list[str] = []
     metas: list[dict[str, Any]] = []
     skips: Counter[str] = Counter()
-    reversed_parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "image", "text", "owner")}
+    reversed_parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("rows", "image", "text", "owner")
+    }
     batches = iter_eval_batches(
         sources,
         image_size=model.image_size,
