@@ -102,3 +102,35 @@ def test_mean_pooling_cannot_tell_a_clip_from_its_reversal(
     assert main(run) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["val/temporal_video_acc"] == pytest.approx(0.5, abs=1e-6)  # exact ties
+
+
+def test_frames_curriculum_changes_clip_length_at_a_segment_boundary(
+    synth_world, clip_world, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    run = _video_run(
+        synth_world,
+        clip_world,
+        out,
+        "train.max_steps=6",
+        "train.ckpt_every=100",
+        "data.frames_curriculum=[[0, 1], [0.5, 3]]",
+        "train.log_every=1",
+    )
+    assert main(run) == 0
+    # The stage change at step 3 ends a data segment with a checkpoint, so resume reproduces it.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    from vlpt.config import load_config
+    from vlpt.train.loop import frames_at
+
+    cfg = load_config(CONFIG, run[2:])
+    assert [frames_at(cfg, s) for s in range(6)] == [1, 1, 1, 3, 3, 3]
+
+
+@pytest.mark.parametrize("stages", ["[[0.5, 2], [0.2, 4]]", "[[0, 0]]", "[[1.5, 2]]"])
+def test_bad_frames_curriculum_is_one_clear_error(stages, capsys):
+    assert main(["pretrain", CONFIG, f"data.frames_curriculum={stages}", "--dry-run"]) != 0
+    assert "frames_curriculum" in capsys.readouterr().err

@@ -78,6 +78,10 @@ class DataConfig(_Strict):
     num_frames: int = 8
     """Frames per video clip: one from each of this many equal segments of the clip (a random
     frame in training, the middle one in evaluation). Image samples stay single frames."""
+    frames_curriculum: list[tuple[float, int]] = []
+    """Few frames first: `[[fraction, frames], ...]` (fractions of `train.max_steps`, rising); from
+    each fraction on, clips have that many frames, e.g. `[[0, 2], [0.4, 4]]`. Empty: always
+    `num_frames`. A stage change starts a new data segment and writes a checkpoint."""
     seed: int = 0
     """Seed for shard order and shuffling."""
 
@@ -97,6 +101,16 @@ class DataConfig(_Strict):
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("frames_curriculum")
+    @classmethod
+    def _rising_stages(cls, v: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        fractions = [fraction for fraction, _ in v]
+        if any(not 0 <= f <= 1 for f in fractions) or fractions != sorted(fractions):
+            raise ValueError("stage fractions must rise within [0, 1]")
+        if any(frames < 1 for _, frames in v):
+            raise ValueError("every stage needs >= 1 frame")
         return v
 
 

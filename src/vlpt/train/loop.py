@@ -159,6 +159,17 @@ def _build(
     return model, tokenizer, trainer, optimizer
 
 
+def frames_at(cfg: RunConfig, step: int) -> int:
+    """Frames per clip at `step`: the last `data.frames_curriculum` stage that has started, or
+    `data.num_frames`. A change of stage ends a data segment (with a checkpoint), so resuming
+    reproduces it."""
+    frames = cfg.data.num_frames
+    for fraction, stage_frames in cfg.data.frames_curriculum:
+        if step >= fraction * cfg.train.max_steps:
+            frames = stage_frames
+    return frames
+
+
 def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
     """FLIP: the patch dropout of a step; 0 in the unmasked tuning phase at the end."""
     tuning = cfg.model.unmasked_tuning
@@ -252,7 +263,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 )
                 clock.exclude(time.monotonic() - paused)  # evaluation time is not training time
                 window.clock.exclude(time.monotonic() - paused)
-            if done or state.step % cfg.train.ckpt_every == 0:
+            new_frames = frames_at(cfg, state.step) != frames_at(cfg, state.step - 1)
+            if done or state.step % cfg.train.ckpt_every == 0 or new_frames:
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
                 break  # a new data segment starts here (see _segment_seed)
@@ -286,9 +298,10 @@ def _make_logger(cfg: RunConfig, out: Path, dist_info: DistInfo) -> MetricsLogge
 def _segment_loader(
     cfg: RunConfig, model: VisionLanguageModel, tokenizer: Any, dist_info: DistInfo, step: int
 ):
-    """The data stream of the segment that starts at `step`."""
+    """The data stream of the segment that starts at `step` (clips of `frames_at(step)` frames)."""
+    data = cfg.data.model_copy(update={"num_frames": frames_at(cfg, step)})
     return build_train_loader(
-        cfg.data,
+        data,
         image_size=model.image_size,
         mean=model.image_mean,
         std=model.image_std,
