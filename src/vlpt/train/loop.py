@@ -29,7 +29,7 @@ from vlpt.train import checkpoint as ckpt
 from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
-from vlpt.train.metrics import MetricsLogger, NullLogger
+from vlpt.train.metrics import MetricsLogger, NullLogger, resident_memory_mb
 from vlpt.train.optim import build_optimizer, lr_schedule, set_lr
 from vlpt.train.parallel import wrap_model
 
@@ -206,6 +206,7 @@ class Window:
         return {
             **{k: v / self.steps for k, v in self.sums.items()},
             "samples_per_s": self.samples / max(self.clock.seconds(), 1e-9),
+            "memory/rss_mb": resident_memory_mb(),
         }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,41 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def resident_memory_mb() -> float:
+    """Resident memory of this process and its children (dataloader workers), in MiB.
+
+    Read from /proc (Linux); elsewhere this process's peak RSS from `resource`, or 0.
+    """
+    try:
+        return _proc_rss_kib(os.getpid(), recursive=True) / 1024
+    except OSError:
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        except (ImportError, OSError):
+            return 0.0
+
+
+def _proc_rss_kib(pid: int, recursive: bool) -> int:
+    rss = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+                break
+    if recursive:
+        for child in _children(pid):
+            with contextlib.suppress(OSError):  # the child exited meanwhile
+                rss += _proc_rss_kib(child, recursive=True)
+    return rss
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
