@@ -52,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SHARDS = "data/synthetic/train/{00000..00019}.tar"
 VAL = "data/synthetic/val"
 CONFIG = "configs/pretrain/synthetic-tiny.yaml"
+ARCH = "tiny"  # the architecture both sides train: open_clip can build it (the default config's
+# `tiny-conv` has a conv stem open_clip lacks, so the race pins `model.name=tiny` on both sides)
 OPEN_CLIP_NAME = "vlpt-tiny"  # vlpt's `tiny` JSON, registered with open_clip under this name
 WORKER_FLAG = "_open_clip_worker"
 
@@ -137,7 +139,7 @@ def write_open_clip_config(directory: Path) -> None:
 
     cfg = {
         k: v
-        for k, v in get_model_config("tiny").items()
+        for k, v in get_model_config(ARCH).items()
         if k in ("embed_dim", "vision_cfg", "text_cfg")
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,8 @@ def open_clip_args(
         args += ["--grad-clip-norm", str(t.grad_clip)]
     if cfg.model.patch_dropout > 0:
         args += ["--force-patch-dropout", str(cfg.model.patch_dropout)]
+    low, high = cfg.data.crop_scale  # the same random-resized-crop area range (1, 1: no crop)
+    args += ["--aug-cfg", f"scale=({low},{high})"]
     return args
 
 
@@ -312,10 +316,10 @@ def evaluate_checkpoint(path: Path, cfg: Any, max_items: int) -> float:
     from vlpt.eval import evaluate_retrieval
     from vlpt.models import build_model, get_tokenizer
 
-    model = build_model(cfg.model.name, pretrained=str(path))
+    model = build_model(ARCH, pretrained=str(path))
     metrics = evaluate_retrieval(
         model,
-        get_tokenizer(cfg.model.name),
+        get_tokenizer(ARCH),
         [Source(url=VAL)],
         batch_size=cfg.eval.batch_size,
         max_items=max_items,
@@ -665,13 +669,16 @@ def main() -> None:
         log(f"runs in {work}")
 
         # 3. FLOPs and the machine's peak, measured first, before any subprocess exists.
-        base_cfg = load_config(REPO / CONFIG, [f"train.threads={args.threads}"])
+        base_cfg = load_config(
+            REPO / CONFIG, [f"model.name={ARCH}", f"train.threads={args.threads}"]
+        )
         gflops, trimmed_gflops, trimmed_len, peak = measure_flops(args, base_cfg)
 
         result: dict[str, Any] = {"bench": "train_vs_open_clip"}
 
         # 1. Throughput at identical settings.
         common = [
+            f"model.name={ARCH}",
             f"train.threads={args.threads}",
             "data.val=[]",
             "data.test=[]",
