@@ -133,6 +133,10 @@ def test_conv_stem_replaces_the_patchify_conv():
     assert not isinstance(model.visual.conv1, torch.nn.Conv2d)
     with torch.no_grad():
         assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 192)
+    # Patch embeddings on the patchify conv's scale, not drowned by the position embedding
+    # (PyTorch's default init gave std ~0.05 and ~100 wasted steps at the start of training).
+    torch.manual_seed(0)
+    assert 0.3 < model.visual.conv1(torch.randn(8, 3, 64, 64)).std() < 1.5
     cfg = get_model_config("tiny-conv")
     cfg["vision_cfg"]["stem_channels"] = [32, 64]  # patch 8 needs three halvings
     with pytest.raises(ValueError, match="one entry per halving"):

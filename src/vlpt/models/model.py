@@ -236,6 +236,15 @@ class ConvStem(nn.Sequential):
             previous = out
         layers.append(nn.Conv2d(previous, width, 1))
         super().__init__(*layers)
+        # He init keeps the signal's scale through the GELUs, and a linear-gain 1x1 conv gives
+        # patch embeddings of std ~0.75 (the patchify conv gives ~0.6). PyTorch's default conv
+        # init shrinks it to ~0.05 over four convs, so the position embedding (std 0.07)
+        # drowned the image at first and the first ~100 steps learned next to nothing.
+        convs = [m for m in self if isinstance(m, nn.Conv2d)]
+        for conv in convs[:-1]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.kaiming_normal_(convs[-1].weight, nonlinearity="linear")
+        nn.init.zeros_(convs[-1].bias)
 
 
 def build_model(
