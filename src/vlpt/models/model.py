@@ -244,7 +244,8 @@ class ConvStem(nn.Sequential):
         for conv in convs[:-1]:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         nn.init.kaiming_normal_(convs[-1].weight, nonlinearity="linear")
-        nn.init.zeros_(convs[-1].bias)
+        if convs[-1].bias is not None:
+            nn.init.zeros_(convs[-1].bias)
 
 
 def build_model(

@@ -25,7 +25,18 @@ class Tokenizer:
         self.vocab_size = len(self._bpe.encoder)
         self.sot_id = self._bpe.sot_token_id
         self.eot_id = self._bpe.eot_token_id
+        self._cache_size = cache_size
         self._ids = lru_cache(maxsize=cache_size)(self._encode)
+
+    def __getstate__(self) -> dict:
+        # Picklable for spawned/forkserver dataloader workers: the cache is rebuilt there.
+        state = self.__dict__.copy()
+        del state["_ids"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ids = lru_cache(maxsize=self._cache_size)(self._encode)
 
     def _encode(self, text: str) -> tuple[int, ...]:
         ids = [self.sot_id, *self._bpe.encode(text), self.eot_id]

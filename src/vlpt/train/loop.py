@@ -29,7 +29,7 @@ from vlpt.train import checkpoint as ckpt
 from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
-from vlpt.train.metrics import MetricsLogger, NullLogger, resident_memory_mb
+from vlpt.train.metrics import MetricsLogger, NullLogger, release_free_heap, resident_memory_mb
 from vlpt.train.optim import build_optimizer, lr_schedule, set_lr
 from vlpt.train.parallel import wrap_model
 
@@ -300,6 +300,7 @@ def _segment_loader(
     cfg: RunConfig, model: VisionLanguageModel, tokenizer: Any, dist_info: DistInfo, step: int
 ):
     """The data stream of the segment that starts at `step` (clips of `frames_at(step)` frames)."""
+    release_free_heap()  # before the workers fork: they inherit (and would dirty) the free heap
     data = cfg.data.model_copy(update={"num_frames": frames_at(cfg, step)})
     return build_train_loader(
         data,

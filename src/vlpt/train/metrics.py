@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import time
@@ -95,3 +97,14 @@ def _children(pid: int) -> list[int]:
             return [int(c) for c in f.read().split()]
     except OSError:
         return []
+
+
+def release_free_heap() -> None:
+    """Hand the allocator's free memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Freed activations stay in the process heap; dataloader workers forked afterwards inherit it
+    copy-on-write, and their own allocations dirty those pages, so each new data segment's
+    worker would carry a private copy of the trainer's free heap (~1.4 GB on the video run)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
