@@ -134,3 +134,24 @@ def test_frames_curriculum_changes_clip_length_at_a_segment_boundary(
 def test_bad_frames_curriculum_is_one_clear_error(stages, capsys):
     assert main(["pretrain", CONFIG, f"data.frames_curriculum={stages}", "--dry-run"]) != 0
     assert "frames_curriculum" in capsys.readouterr().err
+
+
+def test_reversed_clips_are_extra_negatives_for_captions():
+    from vlpt.objectives import ClipLoss
+
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    clips = torch.nn.functional.normalize(text + 0.1 * torch.randn(4, 8), dim=-1)
+    outputs = {"image_features": clips, "text_features": text, "logit_scale": torch.tensor(10.0)}
+    plain = ClipLoss()(outputs)
+    assert ClipLoss(reversed_negatives=True).needs == {"reversed_features"}
+    # An order-blind model: the reversed clip equals the clip, so the caption cannot prefer it.
+    blind = ClipLoss(reversed_negatives=True)({**outputs, "reversed_features": clips})
+    assert blind["contrastive/acc_order"] == 0.0
+    assert blind["loss/contrastive"] > plain["loss/contrastive"]
+    # Reversals far from the caption: order is right and the loss barely moves.
+    away = ClipLoss(reversed_negatives=True)({**outputs, "reversed_features": -clips})
+    assert away["contrastive/acc_order"] == 1.0
+    assert float(away["loss/contrastive"]) == pytest.approx(
+        float(plain["loss/contrastive"]), rel=0.05
+    )

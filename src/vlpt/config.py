@@ -157,6 +157,9 @@ class LossConfig(_Strict):
     """Weight of this loss in the total."""
     local_loss: bool = False
     """CLIP only: compute logits of the local batch against all gathered features (saves memory)."""
+    reversed_negatives: bool = False
+    """CLIP only, clips: each clip played backwards is an extra text->clip negative (time-reversal
+    hard negatives), so captions must tell a clip from its reversal; image batches unchanged."""
 
 
 def _open_unit_interval(v: float) -> float:

@@ -144,6 +144,16 @@ class VisionLanguageModel(nn.Module):
             pooled = pooled @ tower.text_projection
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
+    def encode_clip_both_ways(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 3, H, W) clips -> normalised embeddings of the clips and of the same clips
+        played backwards, (B, D) each, from one pass of the image tower over the frames (only
+        the temporal module runs twice)."""
+        batch, n_frames = clips.shape[:2]
+        frames = self.visual(clips.flatten(0, 1)).unflatten(0, (batch, n_frames))  # (B, T, D)
+        pool = self.temporal if self.temporal is not None else (lambda f: f.float().mean(1))
+        forward, backward = pool(frames), pool(frames.flip(1))
+        return F.normalize(forward, dim=-1), F.normalize(backward, dim=-1)
+
     def encode_image_with_tokens(
         self, images: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +213,11 @@ class VisionLanguageModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W)."""
         outputs: dict[str, torch.Tensor] = {}
-        if "visual_tokens" in needs:
+        if "reversed_features" in needs and images.ndim == 5 and "visual_tokens" not in needs:
+            outputs["image_features"], outputs["reversed_features"] = self.encode_clip_both_ways(
+                images
+            )
+        elif "visual_tokens" in needs:
             outputs["image_features"], outputs["visual_tokens"] = self.encode_image_with_tokens(
                 images
             )

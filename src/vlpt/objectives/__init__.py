@@ -28,7 +28,11 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
     the model lacks is a ConfigError naming both."""
     loss = cfg.loss
     if loss.name == "clip":
-        contrastive: nn.Module = ClipLoss(weight=loss.weight, local_loss=loss.local_loss)
+        contrastive: nn.Module = ClipLoss(
+            weight=loss.weight,
+            local_loss=loss.local_loss,
+            reversed_negatives=loss.reversed_negatives,
+        )
     elif loss.name == "siglip":
         contrastive = SigLipLoss(weight=loss.weight)
     else:  # unreachable through RunConfig validation; kept for configs built by hand

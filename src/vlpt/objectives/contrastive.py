@@ -39,10 +39,18 @@ class ClipLoss(nn.Module):
     needs: frozenset[str] = frozenset()
     heads: tuple[str, ...] = ()
 
-    def __init__(self, weight: float = 1.0, local_loss: bool = False) -> None:
+    def __init__(
+        self, weight: float = 1.0, local_loss: bool = False, reversed_negatives: bool = False
+    ) -> None:
         super().__init__()
         self.weight = weight
         self.local_loss = local_loss
+        # Time-reversal hard negatives: every clip played backwards joins the text->clip
+        # candidates, so a caption must prefer its clip over the same frames in reverse order.
+        # Random in-batch negatives almost never differ from a positive only in direction, so
+        # without these the temporal module gets no reason to learn the order of frames.
+        self.reversed_negatives = reversed_negatives
+        self.needs = frozenset({"reversed_features"}) if reversed_negatives else frozenset()
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
     def labels(self, device: torch.device, size: int, offset: int) -> torch.Tensor:
@@ -67,8 +75,18 @@ class ClipLoss(nn.Module):
                 logits_i2t = scale * all_image @ all_text.T  # (N, N)
                 logits_t2i = logits_i2t.T
                 labels = self.labels(image.device, all_image.shape[0], 0)
+            metrics = {}
+            if "reversed_features" in outputs:  # clips: their reversals as extra t2i negatives
+                reversed_ = all_gather_with_grad(outputs["reversed_features"].float())
+                query = text if self.local_loss else all_text
+                logits_t2r = scale * query @ reversed_.T  # (B or N, N)
+                logits_t2i = torch.cat([logits_t2i, logits_t2r], dim=1)
+                diagonal = logits_t2r.gather(1, labels[:, None]).squeeze(1)
+                positive = logits_t2i.gather(1, labels[:, None]).squeeze(1)
+                metrics["contrastive/acc_order"] = (positive > diagonal).float().mean().detach()
             loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
         return {
+            **metrics,
             "loss/contrastive": self.weight * loss,
             "contrastive/acc_i2t": _accuracy(logits_i2t, labels),
             "contrastive/acc_t2i": _accuracy(logits_t2i, labels),
