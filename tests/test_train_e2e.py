@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_overrides
+from conftest import MICRO_MODEL, ROOT, run_overrides
 
 from vlpt.cli import main
 
@@ -217,3 +217,17 @@ def test_other_objective_and_options_learn(synth_world, tmp_path, capsys, extra)
     assert main(["pretrain", CONFIG, *args]) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["val/t2i_r10"] > 0.3, final  # chance is 0.1
+
+
+def test_checkpoint_keeps_its_architecture(synth_world, tmp_path, capsys):
+    # model.name is a path that is gone when the checkpoint is evaluated.
+    arch = tmp_path / "my-arch.json"
+    arch.write_text(Path(MICRO_MODEL).read_text())
+    out = tmp_path / "run"
+    run = run_overrides(synth_world, out, "train.max_steps=2", f"model.name={arch}")
+    assert main(["pretrain", CONFIG, *run]) == 0
+    arch.unlink()
+    capsys.readouterr()
+    args = ["--checkpoint", str(out), "--data", str(synth_world / "val"), "--json"]
+    assert main(["eval", "retrieval", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["n_items"] == 100

@@ -5,6 +5,8 @@ Layout of `OUTPUT_DIR/checkpoints/step_00001000/`:
   optimizer.pt        AdamW state (torch.save of tensors; read back with weights_only=True)
   state.json          step, samples seen, data segment, RNG states, skip counts
   config.yaml         the resolved run config
+  model.json          the architecture (registry JSON), so the checkpoint loads even when
+                      `model.name` was a path that has since moved
   version.json        vlpt version and git commit of the code that wrote it
 A folder only gets its final name after every file is on disk, so a kill mid-write leaves a
 `.tmp-*` folder that `resume=auto` ignores (and removes).
@@ -87,6 +89,7 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     keep: int = 2,
+    architecture: dict[str, Any] | None = None,
 ) -> Path:
     """Write `ckpt_root/step_{step:08d}` atomically and prune old ones; returns the folder."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_state()}))
     (tmp / "config.yaml").write_text(config_yaml)
+    if architecture is not None:
+        (tmp / "model.json").write_text(json.dumps(architecture, indent=1))
     (tmp / "version.json").write_text(json.dumps(code_version()))
     for f in tmp.iterdir():  # data on disk before the rename makes the folder visible
         with open(f, "rb") as fh:
@@ -190,6 +195,8 @@ def load_trained_model(path: str | Path) -> tuple[VisionLanguageModel, Any]:
             )
         path = newest
     cfg = load_config(path / "config.yaml", model=RunConfig)
+    if (path / "model.json").is_file():  # the architecture it was trained with, kept inside
+        cfg.model = cfg.model.model_copy(update={"name": str(path / "model.json")})
     model = model_from_config(cfg.model, pretrained=False)
     model.load_state_dict(load_weights(path))
     return model.eval(), cfg

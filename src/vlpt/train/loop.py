@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vlpt.config import RunConfig, dump_config
 from vlpt.data import build_train_loader
-from vlpt.models import VisionLanguageModel, get_tokenizer
+from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
 from vlpt.train import checkpoint as ckpt
 from vlpt.train.build import model_from_config
@@ -354,6 +354,7 @@ def _save(
             state.to_json(),
             dump_config(cfg),
             cfg.train.keep_checkpoints,
+            architecture=get_model_config(cfg.model.name),
         )
     if dist_info.distributed:
         torch.distributed.barrier()
