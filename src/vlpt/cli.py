@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -181,10 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlpt", description="Vision-language pretraining on WebDataset shards."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
     data = sub.add_parser("data", help="data set tools").add_subparsers(
         dest="data_command", required=True
     )
+    _add_synth(data)
+    _add_convert(data)
+    _add_pretrain(sub)
+    _add_eval(sub)
+    models = sub.add_parser("models", help="list the registered model architectures")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+Subparsers = Any  # argparse's _SubParsersAction
+
+
+def _add_synth(data: Subparsers) -> None:
     synth = data.add_parser("synth", help="write the synthetic world as WebDataset shards")
     synth.add_argument("out_dir", help="output folder; gets train/, val/, test/ (and video/)")
     synth.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
@@ -210,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_synth)
 
+
+def _add_convert(data: Subparsers) -> None:
     convert = data.add_parser(
         "convert", help="write an evaluation set as WebDataset shards (all captions per item)"
     ).add_subparsers(dest="convert_command", required=True)
@@ -259,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     msrvtt.add_argument("--quiet", action="store_true", help="no progress bar")
     msrvtt.set_defaults(func=cmd_convert_msrvtt)
 
+
+def _add_pretrain(sub: Subparsers) -> None:
     pre = sub.add_parser("pretrain", help="pretrain from a config file + key=value overrides")
     pre.add_argument("config", help="YAML config, e.g. configs/pretrain/synthetic-tiny.yaml")
     pre.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=64")
@@ -275,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.set_defaults(func=cmd_pretrain)
 
+
+def _add_eval(sub: Subparsers) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
         dest="eval_command", required=True
     )
@@ -305,10 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="re-score each query's contrastive top K with the ITM head (0 = off)",
             )
         p.set_defaults(func=func)
-
-    models = sub.add_parser("models", help="list the registered model architectures")
-    models.set_defaults(func=cmd_models)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
