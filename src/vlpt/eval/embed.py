@@ -72,6 +72,25 @@ def encode_captions(
     return torch.cat(chunks)
 
 
+def model_eval_batches(
+    model: VisionLanguageModel,
+    sources: Sequence[Source],
+    batch_size: int,
+    max_items: int = 0,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+) -> Iterator[dict[str, Any]]:
+    """`iter_eval_batches` preprocessed for `model` (its image size, mean and std)."""
+    return iter_eval_batches(
+        list(sources),
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        batch_size=batch_size,
+        max_items=max_items,
+        num_frames=num_frames,
+    )
+
+
 def embed_eval_set(
     model: VisionLanguageModel,
     tokenizer: Tokenizer,
@@ -98,15 +117,7 @@ def embed_eval_set(
     reversed_parts: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("rows", "image", "text", "owner")
     }
-    batches = iter_eval_batches(
-        sources,
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
-        batch_size=batch_size,
-        max_items=max_items,
-        num_frames=num_frames,
-    )
+    batches = model_eval_batches(model, sources, batch_size, max_items, num_frames)
     with evaluation_mode(model, device, precision):
         for batch in batches:
             first = len(keys)  # index of this batch's first item

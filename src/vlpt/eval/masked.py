@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from vlpt.config import ConfigError, Source
-from vlpt.data.loader import iter_eval_batches
+from vlpt.data.loader import DEFAULT_NUM_FRAMES
 from vlpt.data.synthetic.world import COLOURS, SHAPES
-from vlpt.eval.embed import Tokenizer, encode_captions, evaluation_mode
+from vlpt.eval.embed import Tokenizer, encode_captions, evaluation_mode, model_eval_batches
 from vlpt.models import VisionLanguageModel
 from vlpt.models.mae import mae_loss, patchify, unpatchify
 from vlpt.objectives.mim import masked_reconstruction
@@ -59,7 +59,7 @@ def embed_with_visual_tokens(
     max_items: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    num_frames: int = 8,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> VisualEvalSet:
     """One pass over the evaluation shards keeping what the fusion heads need."""
     images: list[torch.Tensor] = []  # (B, D) per batch
@@ -67,15 +67,7 @@ def embed_with_visual_tokens(
     texts: list[torch.Tensor] = []  # (captions in batch, D) per batch
     owners: list[int] = []
     captions: list[str] = []
-    batches = iter_eval_batches(
-        list(sources),
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
-        batch_size=batch_size,
-        max_items=max_items,
-        num_frames=num_frames,
-    )
+    batches = model_eval_batches(model, sources, batch_size, max_items, num_frames)
     with evaluation_mode(model, device, precision):
         for batch in batches:
             first = sum(len(t) for t in images)  # index of this batch's first item
@@ -177,7 +169,7 @@ def evaluate_mlm(
     max_items: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    num_frames: int = 8,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> dict[str, float | int]:
     """`vlpt eval mlm`: embed the set, then `mlm_metrics`."""
     data = embed_with_visual_tokens(
@@ -205,7 +197,7 @@ def evaluate_mim(
     seed: int = 0,
     png_path: str | Path | None = None,
     png_items: int = 8,
-    num_frames: int = 8,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> dict[str, float | int]:
     """Mean MAE loss over the set (masks from a fixed seed): `mim_loss`, `mim_items`. With
     `png_path`, a grid of the first `png_items` frames is written there."""
@@ -213,15 +205,7 @@ def evaluate_mim(
         raise ConfigError('this model has no MAE decoder to evaluate (no "mae_cfg" in its JSON).')
     generator = torch.Generator().manual_seed(seed)
     total, count, shown = 0.0, 0, None
-    batches = iter_eval_batches(
-        list(sources),
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
-        batch_size=batch_size,
-        max_items=max_items,
-        num_frames=num_frames,
-    )
+    batches = model_eval_batches(model, sources, batch_size, max_items, num_frames)
     with evaluation_mode(model, device, precision):
         for batch in batches:
             images = batch["image"].to(device)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from vlpt.config import ConfigError, Source
+from vlpt.data.loader import DEFAULT_NUM_FRAMES
 from vlpt.eval.embed import Tokenizer, evaluation_mode
 from vlpt.eval.masked import VisualEvalSet, embed_with_visual_tokens
 from vlpt.eval.retrieval import KS
@@ -125,7 +126,7 @@ def evaluate_retrieval_reranked(
     max_items: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    num_frames: int = 8,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> dict[str, float | int]:
     """`vlpt eval retrieval --rerank-k K`: embed the shards, re-rank each query's top K."""
     if model.fusion is None:
