@@ -148,7 +148,7 @@ def test_clips_go_through_the_temporal_module(kind):
     torch.manual_seed(0)
     model = build_model("tiny", temporal=kind).eval()
     if model.temporal is not None and model.temporal.position is not None:
-        torch.nn.init.normal_(model.temporal.position, std=1.0)  # make order matter at init
+        torch.nn.init.normal_(model.temporal.position, std=1.0)  # as initialised; explicit
     clips = torch.randn(2, 4, 3, 64, 64)
     with torch.no_grad():
         forward, backward = model.encode_image(clips), model.encode_image(clips.flip(1))

@@ -20,6 +20,7 @@ from open_clip.transformer import Transformer
 from torch import nn
 
 TemporalKind = Literal["mean", "transformer"]
+TEMPORAL_KINDS: tuple[str, ...] = ("mean", "transformer")
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class TemporalConfig:
         if unknown:
             raise ValueError(f"unknown temporal_cfg keys {unknown}; known: {sorted(known)}")
         cfg = cls(**values)
-        if cfg.kind not in ("mean", "transformer"):
-            raise ValueError(f"temporal_cfg kind must be 'mean' or 'transformer', got {cfg.kind!r}")
+        if cfg.kind not in TEMPORAL_KINDS:
+            raise ValueError(f"temporal_cfg kind must be one of {TEMPORAL_KINDS}, got {cfg.kind!r}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,7 +54,10 @@ class TemporalModule(nn.Module):
         self.position: nn.Parameter | None = None
         self.transformer: Transformer | None = None
         if cfg.kind == "transformer":
-            self.position = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.01)
+            # Temporal positions as large as the frame embeddings they are added to (per-dim
+            # std ~1 for a trained tower), as CLIP4Clip's nn.Embedding. At std 0.01 they were
+            # drowned by the content and the module was all but permutation-invariant.
+            self.position = nn.Parameter(torch.randn(cfg.max_frames, dim))
             self.transformer = Transformer(dim, cfg.layers, cfg.heads, batch_first=True)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -65,5 +69,7 @@ class TemporalModule(nn.Module):
                 f"a clip of {n_frames} frames is longer than the temporal module's "
                 f"max_frames={self.cfg.max_frames}"
             )
-        x = self.transformer(frames + self.position[:n_frames].to(frames.dtype))
+        position = self.position[:n_frames].to(frames.dtype)
+        # The positions steer attention; taken out again, they add no constant offset.
+        x = self.transformer(frames + position) - position
         return (x + frames).mean(dim=1)
