@@ -90,6 +90,9 @@ SCENE = {
         ("two shapes: a red circle (top left) and a blue square (bottom right)", 1),
         ("a small red circle at the top left", 1 / 2),  # one object missing
         ("a red circle at the bottom and a blue square at the bottom right", 1 / 2),  # wrong place
+        ("a big red circle and a small blue square", 0),  # sizes swapped: both objects missed
+        ("a tiny red circle and a square that is blue and large", 1),
+        ("the circle is large and red, and the square is blue", 1 / 2),  # predicate size wrong
         ("a red circle, a blue square and a green star", 2 / 3),  # one object invented
         ("a blue circle and a red square", 0),  # colours swapped: both pairs invented
         ("a circle and a square", 0),  # no colours: nothing named correctly, nothing invented

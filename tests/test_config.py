@@ -6,14 +6,16 @@ import pytest
 
 from vlpt.config import ConfigError, RunConfig, dump_config, load_config
 
-CONFIGS = sorted(Path(__file__).parents[1].glob("configs/pretrain/*.yaml"))
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*/*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_pretrain_config_loads(path):
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.data.train, f"{path.name} names no training data"
+    if path.parent.name == "finetune":  # `vlpt finetune` takes init=CHECKPOINT on the command line
+        assert cfg.init == "" and "init=" in path.read_text()
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -71,7 +71,7 @@ def overfit(tokenizer):
 def test_every_parameter_is_initialised(tie):
     torch.manual_seed(0)
     decoder = CaptionDecoder({**TINY, "tie_embeddings": tie})
-    weight = decoder.output_projection.weight
+    weight = decoder.output_weight
     assert weight.shape == (49408, TINY["width"])
     assert torch.isfinite(weight).all() and weight.abs().max() > 0
     assert abs(weight.std().item() - 0.02) < 0.002  # normal(0.02), not zeros or leftover memory

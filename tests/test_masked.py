@@ -123,7 +123,7 @@ def test_objectives_switch_on_from_the_config_and_unused_heads_freeze():
     )
     assert [type(o) for o in objectives] == [ClipLoss, MaskedLanguageModeling]
     trainer = ModelWithObjectives(model, objectives)
-    assert trainer.needs == {"visual_tokens"}
+    assert trainer.needs == {"features", "visual_tokens"}
     assert not any(p.requires_grad for p in model.fusion.itm_head.parameters())
     assert not any(p.requires_grad for p in model.mae_decoder.parameters())
     assert all(p.requires_grad for p in model.fusion.mlm_head.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -14,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlpt.data.synthetic import (
+    BACKGROUNDS,
     COLOUR_RGB,
     COLOURS,
     POSITIONS,
@@ -27,6 +29,7 @@ from vlpt.data.synthetic import (
     write_dataset,
 )
 from vlpt.data.synthetic.captions import POSITION_NOUNS, SIZE_WORDS
+from vlpt.data.synthetic.world import DOMAINS
 
 SMALL = {"n_train": 150, "n_val": 50, "n_test": 100, "shard_size": 50, "progress": False}
 RELATION_WORDS = ("left of", "right of", "above", "below")
@@ -258,3 +261,42 @@ def test_synth_command_writes_video_next_to_images(tmp_path: Path) -> None:
         assert (tmp_path / "video" / split / "00000.tar").exists()
     with tarfile.open(tmp_path / "video" / "train" / "00000.tar") as tar:
         assert sorted(tar.getnames())[:3] == ["000000000.json", "000000000.mp4", "000000000.txt"]
+
+
+def _text_digest(shard: Path) -> str:
+    """sha256 of a shard's member names, captions and metadata (JPEG bytes depend on libjpeg)."""
+    digest = hashlib.sha256()
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if not member.name.endswith(".jpg"):
+                digest.update(member.name.encode())
+                digest.update(tar.extractfile(member).read())
+    return digest.hexdigest()
+
+
+def test_default_world_is_pinned(tmp_path: Path) -> None:
+    # Domains (and any later option) must not move the default world's random streams.
+    write_dataset(tmp_path, seed=3, n_train=0, n_val=0, n_test=20, shard_size=20, progress=False)
+    assert _text_digest(tmp_path / "test/00000.tar") == (
+        "697eea7cfa1dfe0049ff6d990784125903e28de9965ea50136d67a9f5328da70"
+    )
+
+
+def test_novel_domain_is_deterministic_and_draws_only_its_own_shapes(tmp_path: Path) -> None:
+    novel = DOMAINS["novel"]
+    assert not set(novel.shapes) & set(SHAPES) and not set(novel.backgrounds) & set(BACKGROUNDS)
+    small = {"n_train": 40, "n_val": 20, "n_test": 20, "shard_size": 20, "progress": False}
+    write_dataset(tmp_path / "a", domain="novel", workers=1, **small)
+    write_dataset(tmp_path / "b", domain="novel", workers=2, **small)
+    assert all_files(tmp_path / "a") == all_files(tmp_path / "b")
+    info = json.loads((tmp_path / "a/info.json").read_text())
+    assert info["domain"] == "novel" and info["vocab"]["shapes"] == list(novel.shapes)
+    for split in ("train", "test"):
+        for sample in read_split(tmp_path / "a", split):
+            meta, captions = json.loads(sample["json"]), sample["txt"].decode()
+            assert meta["background"] in novel.backgrounds
+            for obj in meta["objects"]:
+                assert obj["shape"] in novel.shapes
+                assert all(has_word(c, obj["shape"]) for c in captions.splitlines())
+    with pytest.raises(ValueError, match="domain 'nope' is unknown"):
+        write_dataset(tmp_path / "c", domain="nope", **small)

@@ -130,6 +130,48 @@ def test_frames_curriculum_changes_clip_length_at_a_segment_boundary(
     assert [frames_at(cfg, s) for s in range(6)] == [1, 1, 1, 3, 3, 3]
 
 
+def test_images_first_then_clips_from_the_source_start(synth_world, clip_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = [
+        *_video_run(synth_world, clip_world, out, "train.max_steps=6", "train.ckpt_every=100"),
+        f"data.train=[{{url: {clip_world / 'train'}, weight: 0.7, start: 0.5}}, "
+        f"{{url: {synth_world / 'train'}, weight: 0.3}}]",
+    ]
+    assert main(run) == 0
+    # Joining the mix at step 3 ends a data segment with a checkpoint, like a frames stage.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    from vlpt.config import load_config
+    from vlpt.data import build_train_loader
+    from vlpt.models import get_tokenizer
+    from vlpt.train.loop import data_at
+
+    cfg = load_config(CONFIG, run[2:])
+    clips, images = str(clip_world / "train"), str(synth_world / "train")
+    urls = [[s.url for s in data_at(cfg, step).train] for step in (0, 2, 3, 5)]
+    assert urls == [[images], [images], [clips, images], [clips, images]]
+    first_stage = data_at(cfg, 0).model_copy(update={"workers": 0})
+    loader = iter(
+        build_train_loader(
+            first_stage,
+            image_size=32,
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            tokenizer=get_tokenizer("tiny"),
+            batch_size=8,
+        )  # fmt: skip
+    )
+    assert all(next(loader)["image"].ndim == 4 for _ in range(5))  # still images only
+
+
+def test_a_mix_where_no_source_starts_at_zero_is_one_clear_error(capsys):
+    bad = "data.train=[{url: data/a, start: 0.2}, {url: data/b, start: 0.5}]"
+    assert main(["pretrain", CONFIG, bad, "--dry-run"]) != 0
+    assert "start at 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stages", ["[[0.5, 2], [0.2, 4]]", "[[0, 0]]", "[[1.5, 2]]"])
 def test_bad_frames_curriculum_is_one_clear_error(stages, capsys):
     assert main(["pretrain", CONFIG, f"data.frames_curriculum={stages}", "--dry-run"]) != 0
@@ -144,7 +186,7 @@ def test_reversed_clips_are_extra_negatives_for_captions():
     clips = torch.nn.functional.normalize(text + 0.1 * torch.randn(4, 8), dim=-1)
     outputs = {"image_features": clips, "text_features": text, "logit_scale": torch.tensor(10.0)}
     plain = ClipLoss()(outputs)
-    assert ClipLoss(reversed_negatives=True).needs == {"reversed_features"}
+    assert ClipLoss(reversed_negatives=True).needs == {"features", "reversed_features"}
     # An order-blind model: the reversed clip equals the clip, so the caption cannot prefer it.
     blind = ClipLoss(reversed_negatives=True)({**outputs, "reversed_features": clips})
     assert blind["contrastive/acc_order"] == 0.0

@@ -33,8 +33,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from vlpt.data.synthetic import write_dataset, write_video_dataset
 
     try:
+        if args.video and args.domain != "default":
+            raise ValueError(f"--domain {args.domain} draws images only; leave out --video.")
         summary = write_dataset(
             args.out_dir,
+            domain=args.domain,
             seed=args.seed,
             n_train=args.images,
             n_val=args.val,
@@ -100,7 +103,20 @@ def _print_conversion(summary: dict) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from vlpt.config import load_config
 
+    _train_or_plan(load_config(args.config, args.overrides), args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """`vlpt pretrain`, once `init` is known to name readable weights."""
+    from vlpt.config import load_config
+    from vlpt.train.finetune import require_init
+
     cfg = load_config(args.config, args.overrides)
+    require_init(cfg)
+    _train_or_plan(cfg, args)
+
+
+def _train_or_plan(cfg: Any, args: argparse.Namespace) -> None:
     if args.dry_run:
         from vlpt.train.plan import print_plan
 
@@ -111,24 +127,31 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(cfg)
 
 
-def _run_eval(args: argparse.Namespace, evaluate: Callable[..., dict], **extra: object) -> None:
-    """Load a checkpoint, evaluate it on `--data` with `evaluate`, print the result."""
-    from vlpt.config import Source
+def _load_checkpoint(path: str) -> tuple[Any, Any, Any, Any]:
+    """(model on the best device, its tokenizer, the run config, the device) of a checkpoint."""
     from vlpt.models import get_tokenizer
     from vlpt.train.checkpoint import load_trained_model
     from vlpt.train.distributed import pick_device
 
     device = pick_device()
-    model, cfg = load_trained_model(args.checkpoint)
+    model, cfg = load_trained_model(path)
+    return model.to(device), get_tokenizer(cfg.model.name), cfg, device
+
+
+def _run_eval(args: argparse.Namespace, evaluate: Callable[..., dict], **extra: object) -> None:
+    """Load a checkpoint, evaluate it on `--data` with `evaluate`, print the result."""
+    from vlpt.config import Source
+
+    model, tokenizer, cfg, device = _load_checkpoint(args.checkpoint)
     result = evaluate(
-        model.to(device),
-        get_tokenizer(cfg.model.name),
+        model,
+        tokenizer,
         [Source(url=args.data)],
         batch_size=args.batch_size,
         max_items=args.max_items,
         device=device,
         precision=args.precision,
-        num_frames=cfg.data.num_frames,
+        num_frames=args.num_frames or cfg.data.num_frames,
         **extra,
     )
     _print_result(result, args.json)
@@ -162,6 +185,53 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     _run_eval(args, evaluate_zeroshot, task=args.task)
 
 
+def cmd_eval_caption(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlpt.eval.caption import evaluate_captions
+
+    torch.manual_seed(args.seed)  # --top-p sampling draws from torch's generator
+    _run_eval(args, evaluate_captions, **_generation_options(args))
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """`path<TAB>caption` per readable input on stdout, unreadable ones on stderr; 1 if any."""
+    import torch
+
+    from vlpt.apps.caption import caption_files
+
+    model, tokenizer, cfg, device = _load_checkpoint(args.checkpoint)
+    torch.manual_seed(args.seed)
+    results = caption_files(
+        model,
+        tokenizer,
+        args.paths,
+        batch_size=args.batch_size,
+        num_frames=args.num_frames or cfg.data.num_frames,
+        device=device,
+        precision=args.precision,
+        **_generation_options(args),
+    )
+    failed = 0
+    for result in results:
+        if result.error is not None:
+            failed += 1
+            print(f"vlpt: {result.error}; skipped", file=sys.stderr)
+        else:
+            print(f"{result.path}\t{result.caption}", flush=True)
+    return 1 if failed else 0
+
+
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`GenerationConfig` fields from --beam-size, --top-p and --max-length."""
+    options: dict[str, Any] = {"num_beams": args.beam_size}
+    if args.top_p:
+        options.update(do_sample=True, top_p=args.top_p)
+    if args.max_length:
+        options["max_new_tokens"] = args.max_length
+    return options
+
+
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
@@ -189,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(data)
     _add_pretrain(sub)
     _add_eval(sub)
+    _add_caption(sub)
     models = sub.add_parser("models", help="list the registered model architectures")
     models.set_defaults(func=cmd_models)
     return parser
@@ -207,6 +278,13 @@ def _add_synth(data: Subparsers) -> None:
         "--test", type=int, default=1000, help="test images (unseen colour-shape pairs)"
     )
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
+    synth.add_argument(
+        "--domain",
+        default="default",
+        choices=["default", "novel"],
+        help="world variant: novel = shapes and backgrounds the default world never draws "
+        "(a held-out domain for fine-tuning), written to OUT_DIR like the default",
+    )
     synth.add_argument(
         "--video",
         action="store_true",
@@ -276,21 +354,38 @@ def _add_convert(data: Subparsers) -> None:
 
 
 def _add_pretrain(sub: Subparsers) -> None:
-    pre = sub.add_parser("pretrain", help="pretrain from a config file + key=value overrides")
-    pre.add_argument("config", help="YAML config, e.g. configs/pretrain/synthetic-tiny.yaml")
-    pre.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=64")
-    pre.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="resolve, open the first shard of each source, print the plan",
-    )
-    pre.add_argument(
-        "--world-size",
-        type=int,
-        default=0,
-        help="with --dry-run: ranks to plan for (default: $WORLD_SIZE or 1)",
-    )
-    pre.set_defaults(func=cmd_pretrain)
+    """`pretrain` and `finetune`: the same loop and arguments; finetune requires init=..."""
+    for name, func, helptext, example, overrides in (
+        (
+            "pretrain",
+            cmd_pretrain,
+            "pretrain from a config file + key=value overrides",
+            "configs/pretrain/synthetic-tiny.yaml",
+            "dotted overrides such as train.batch_size=64",
+        ),
+        (
+            "finetune",
+            cmd_finetune,
+            "fine-tune from init=CHECKPOINT: the pretraining loop, run folder and resume",
+            "configs/finetune/synthetic-caption-tiny.yaml",
+            "dotted overrides; init=CHECKPOINT is required",
+        ),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help=f"YAML config, e.g. {example}")
+        p.add_argument("overrides", nargs="*", help=overrides)
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="resolve, open the first shard of each source, print the plan",
+        )
+        p.add_argument(
+            "--world-size",
+            type=int,
+            default=0,
+            help="with --dry-run: ranks to plan for (default: $WORLD_SIZE or 1)",
+        )
+        p.set_defaults(func=func)
 
 
 def _add_eval(sub: Subparsers) -> None:
@@ -302,6 +397,7 @@ def _add_eval(sub: Subparsers) -> None:
         ("zeroshot", cmd_eval_zeroshot, "zero-shot classification of synthetic-world attributes"),
         ("temporal", cmd_eval_temporal, "clips: true vs time-reversed caption / clip accuracy"),
         ("mlm", cmd_eval_mlm, "masked-token accuracy of the MLM head, real vs shuffled image"),
+        ("caption", cmd_eval_caption, "BLEU-4, CIDEr-D, ROUGE-L, attribute accuracy of captions"),
     ):
         p = ev.add_parser(name, help=helptext)
         p.add_argument(
@@ -314,6 +410,11 @@ def _add_eval(sub: Subparsers) -> None:
         )
         p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        p.add_argument(
+            "--num-frames", type=int, default=0, help="frames per clip (0 = the checkpoint's)"
+        )
+        if name == "caption":
+            _add_generation_args(p)
         if name == "zeroshot":
             p.add_argument("--task", default="shape", choices=["shape", "colour", "action"])
         if name == "retrieval":
@@ -326,15 +427,45 @@ def _add_eval(sub: Subparsers) -> None:
         p.set_defaults(func=func)
 
 
+def _add_caption(sub: Subparsers) -> None:
+    cap = sub.add_parser(
+        "caption",
+        help="print 'path<TAB>caption' for image and video files (exit 1 if one is unreadable)",
+    )
+    cap.add_argument("paths", nargs="+", metavar="PATH", help="image or video (mp4, webm, ...)")
+    cap.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (or a run folder: its newest)"
+    )
+    cap.add_argument("--batch-size", type=int, default=16)
+    cap.add_argument(
+        "--num-frames", type=int, default=0, help="frames per video (0 = the checkpoint's)"
+    )
+    cap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    _add_generation_args(cap)
+    cap.set_defaults(func=cmd_caption)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, default=1, help="beam search width (1 = greedy)")
+    p.add_argument(
+        "--top-p", type=float, default=0.0, help="sample with nucleus P instead (0 = off)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=0, help="most tokens per caption (0 = context length)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of --top-p sampling")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; 2 for an error that stops it, else its own exit status (0 or 1)."""
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        status = func(args)
     except _user_errors() as e:
         print(f"vlpt: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

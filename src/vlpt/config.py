@@ -34,12 +34,23 @@ class Source(_Strict):
     `http(s)://` URL or a `pipe:` command; several patterns may be joined with `::`."""
     weight: float = 1.0
     """Relative sampling weight when several sources are mixed."""
+    start: float = 0.0
+    """Training sources only: the fraction of `train.max_steps` from which this source joins
+    the mix (a curriculum: e.g. images from 0, videos from 0.4). Reaching it starts a new data
+    segment with a checkpoint; some source must start at 0."""
 
     @field_validator("weight")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("weight must be > 0")
+        return v
+
+    @field_validator("start")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("start must be >= 0 and < 1")
         return v
 
 
@@ -88,6 +99,15 @@ class DataConfig(_Strict):
     _split_sources = field_validator("train", "val", "test", mode="before")(
         classmethod(lambda cls, v: _as_sources(v))
     )
+
+    @field_validator("train")
+    @classmethod
+    def _one_source_from_the_start(cls, v: list[Source]) -> list[Source]:
+        if v and min(source.start for source in v) > 0:
+            raise ValueError(
+                "some training source must start at 0 (start is a fraction of the run)"
+            )
+        return v
 
     @field_validator("workers", "shuffle_buffer", "epoch_samples")
     @classmethod
@@ -154,12 +174,20 @@ class LossConfig(_Strict):
     name: Literal["clip", "siglip"] = "clip"
     """`clip` (InfoNCE, softmax) or `siglip` (pairwise sigmoid)."""
     weight: float = 1.0
-    """Weight of this loss in the total."""
+    """Weight of this loss in the total; 0 turns it off (not computed, and the text tower and
+    temperature, which nothing else reads, are frozen), e.g. for caption fine-tuning."""
     local_loss: bool = False
     """CLIP only: compute logits of the local batch against all gathered features (saves memory)."""
     reversed_negatives: bool = False
     """CLIP only, clips: each clip played backwards is an extra text->clip negative (time-reversal
     hard negatives), so captions must tell a clip from its reversal; image batches unchanged."""
+
+    @field_validator("weight")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 turns the contrastive loss off)")
+        return v
 
 
 def _open_unit_interval(v: float) -> float:
@@ -203,12 +231,53 @@ class MIMConfig(_Strict):
     _ratio = field_validator("mask_ratio")(classmethod(lambda cls, v: _open_unit_interval(v)))
 
 
+class CaptionConfig(_Strict):
+    """Captioning (CoCa-style): the caption decoder predicts each caption token from the ones
+    before it and the visual tokens, teacher-forced, in the same pass as the contrastive loss."""
+
+    enabled: bool = False
+    """Train with this objective (the model needs a caption decoder: "decoder_cfg")."""
+    weight: float = 1.0
+    """Weight of `loss/caption` in the total (CoCa uses 2 beside a contrastive weight of 1)."""
+
+
 class ObjectivesConfig(_Strict):
     """Objectives trained beside the contrastive loss (`loss`), each switchable and weighted."""
 
     mlm: MLMConfig = MLMConfig()
     itm: ITMConfig = ITMConfig()
     mim: MIMConfig = MIMConfig()
+    caption: CaptionConfig = CaptionConfig()
+
+
+class FinetuneConfig(_Strict):
+    """What fine-tuning changes about training (used with a top-level `init` checkpoint)."""
+
+    freeze: list[Literal["vision", "text"]] = []
+    """Towers that get no gradient and no optimiser state: `vision` (the ViT with its
+    projection; a temporal module stays trainable) and/or `text` (the text Transformer with its
+    token table and projection). `[vision]` is LiT (locked-image tuning); `[vision, text]` trains
+    only the heads. The towers have no batch norm and no dropout, so frozen is frozen in either
+    mode: no eval-mode switch is needed."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (BEiT, BLIP fine-tuning): the last residual block of each
+    tower trains at `train.lr * layer_decay`, each block below at one more factor, the
+    embeddings at `layer_decay ** (layers + 1)`; the heads, the towers' final norm and
+    projection and the temperature at `train.lr`. 1.0 = one learning rate for all."""
+
+    @field_validator("freeze")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("list each tower at most once")
+        return v
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _decay_fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be > 0 and <= 1")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -298,10 +367,17 @@ class RunConfig(_Strict):
     """Run folder: checkpoints/, metrics.jsonl, tb/, config.yaml."""
     resume: str = ""
     """`auto` = continue from the last checkpoint in output_dir; or a checkpoint folder; or empty."""
+    init: str = ""
+    """Start from these weights (fine-tuning; `vlpt finetune` requires it): a vlpt checkpoint
+    folder, a run folder (its newest checkpoint), a model.safetensors, or an open_clip weights
+    file. Heads of `model.name` that it lacks (e.g. a caption decoder) start from random init
+    and are listed on the console; a tower tensor that is missing or of another shape is an
+    error naming it. `resume` (a checkpoint of this run) takes precedence over it."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     objectives: ObjectivesConfig = ObjectivesConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -41,7 +41,7 @@ from vlpt.data.shards import (
     resampled,
     shards_for_worker,
 )
-from vlpt.data.transforms import CropResize, EvalTransform, TrainTransform, normalize_batch
+from vlpt.data.transforms import CropResize, EvalTransform, TrainTransform, normalize_pixels
 from vlpt.data.video import ClipSampler, decode_clip
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -315,19 +315,10 @@ def _collate_train(
     skips: SkipCounter,
 ) -> dict[str, Any]:
     return {
-        "image": _normalized(np.stack([pixels for pixels, _ in items]), mean, std),
+        "image": normalize_pixels(np.stack([pixels for pixels, _ in items]), mean, std),
         "text": tokens([caption for _, caption in items]),  # (B, L) long
         "skips": skips.take(),
     }
-
-
-def _normalized(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S); clips (B, T, S, S, 3) -> (B, T, 3, S, S)."""
-    if pixels.ndim == 4:
-        return normalize_batch(pixels, mean, std)
-    b, t = pixels.shape[:2]
-    frames = normalize_batch(pixels.reshape(b * t, *pixels.shape[2:]), mean, std)
-    return frames.view(b, t, *frames.shape[1:])
 
 
 class CaptionTokens:
@@ -437,7 +428,7 @@ def _collate_eval(
     skips: SkipCounter,
 ) -> dict[str, Any]:
     return {
-        "image": _normalized(np.stack([pixels for pixels, _ in items]), mean, std),
+        "image": normalize_pixels(np.stack([pixels for pixels, _ in items]), mean, std),
         "captions": [sample.captions for _, sample in items],
         "key": [sample.key for _, sample in items],
         "meta": [sample.meta() for _, sample in items],

@@ -131,3 +131,14 @@ def normalize_batch(
     scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
     return out.mul_(scale).add_(shift)
+
+
+def normalize_pixels(
+    pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S); clips (B, T, S, S, 3) -> (B, T, 3, S, S)."""
+    if pixels.ndim == 4:
+        return normalize_batch(pixels, mean, std)
+    b, t = pixels.shape[:2]
+    frames = normalize_batch(pixels.reshape(b * t, *pixels.shape[2:]), mean, std)
+    return frames.view(b, t, *frames.shape[1:])

@@ -7,9 +7,10 @@
 pure-Python stand-in for its Java PTB tokenizer so that no Java is needed.
 
 `attribute_accuracy` reads a generated caption of a synthetic scene and checks which objects it
-names correctly: colour + shape, and grid position where the caption places the object
-unambiguously. The vocabulary is an `AttributeVocab`, built from the world's constants, so a
-video world can add its own words (actions) without changing the parser.
+names correctly: colour + shape, and the size and grid position where the caption gives them
+(a position only where the caption places the object unambiguously). The vocabulary is an
+`AttributeVocab`, built from the world's constants; `vlpt.eval.clip_attributes` reuses the
+parser for the video world, adding its actions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -47,8 +48,11 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(_TOKEN.findall(text))
 
 
+Key = TypeVar("Key", bound=Hashable)
+
+
 def caption_scores(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+    predictions: Mapping[Key, str], references: Mapping[Key, Sequence[str]]
 ) -> dict[str, float | int]:
     """Corpus BLEU-4, CIDEr-D and ROUGE-L of one predicted caption per item against its references.
 
@@ -103,27 +107,34 @@ class AttributeVocab:
     shapes: tuple[str, ...]
     modifiers: tuple[str, ...] = ()
     """Adjectives that may stand between article and colour (sizes; a video world: 'moving')."""
+    sizes: Mapping[str, str] = field(default_factory=dict)
+    """Size word -> canonical size (as in the metadata): 'tiny' -> 'small'."""
     positions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Canonical position (as in the metadata) -> phrases that name it."""
     relation_heads: tuple[str, ...] = ("above", "below")
     """Words that may be joined to a relation by 'and' ('below and to the right of')."""
+    clause_breaks: tuple[str, ...] = ()
+    """Words that end a clause and start the next one (a video world: 'then', 'after')."""
 
 
 SYNTHETIC_IMAGE_VOCAB = AttributeVocab(
     colours=world.COLOURS,
     shapes=world.SHAPES,
     modifiers=tuple(sorted({w for words in SIZE_WORDS.values() for w in words})),
+    sizes={w: size for size, words in SIZE_WORDS.items() for w in words},
     positions=POSITION_NOUNS,
 )
 
 
 @dataclass(frozen=True)
 class ObjectMention:
-    """An object a caption names: its colour (None if no colour is attached), shape, position."""
+    """An object a caption names: its colour (None if no colour is attached), shape, position
+    and size (None where the caption gives none)."""
 
     colour: str | None
     shape: str
     position: str | None
+    size: str | None = None
 
 
 def attribute_accuracy(
@@ -131,35 +142,38 @@ def attribute_accuracy(
 ) -> float:
     """Fraction of the scene's objects the caption names correctly, penalising invented ones.
 
-    An object of `meta["objects"]` (dicts with `colour`, `shape`, `position`, as the synthetic
-    shards' `.json` holds) counts as correct when the caption names its colour-shape pair and,
-    if the caption gives that mention a position, the position is right. Each distinct
+    An object of `meta["objects"]` (dicts with `colour`, `shape`, `position`, `size`, as the
+    synthetic shards' `.json` holds) counts as correct when the caption names its colour-shape
+    pair and the position and size the caption gives that mention (if any) are right. Each distinct
     colour-shape pair the caption names that is not in the scene adds one to the denominator:
 
         accuracy = correct objects / (objects in the scene + invented pairs)
 
-    so 1.0 means every object named, none invented, and no position wrong.
+    so 1.0 means every object named, none invented, and no position or size wrong.
     """
     objects = meta.get("objects") or []
     if not objects:
         raise ValueError(f"item {meta.get('key', '?')!r} has no 'objects' in its metadata.")
     mentions = parse_mentions(prediction, vocab)
     scene_pairs = {(o["colour"], o["shape"]) for o in objects}
-    correct = sum(
-        any(
-            (m.colour, m.shape) == (o["colour"], o["shape"]) and m.position in (None, o["position"])
-            for m in mentions
-        )
-        for o in objects
-    )
+    correct = sum(any(_names(m, o) for m in mentions) for o in objects)
     invented = {(m.colour, m.shape) for m in mentions if m.colour is not None} - scene_pairs
     return correct / (len(objects) + len(invented))
+
+
+def _names(mention: ObjectMention, obj: Mapping[str, Any]) -> bool:
+    """Whether the mention names the metadata object with nothing wrong."""
+    return (
+        (mention.colour, mention.shape) == (obj["colour"], obj["shape"])
+        and mention.position in (None, obj["position"])
+        and mention.size in (None, obj.get("size", mention.size))
+    )
 
 
 def parse_mentions(
     caption: str, vocab: AttributeVocab = SYNTHETIC_IMAGE_VOCAB
 ) -> list[ObjectMention]:
-    """The objects a caption names, each with its colour and (when unambiguous) its position.
+    """The objects a caption names, each with its colour, size and (when unambiguous) position.
 
     The caption is cut into clauses at ',', ';' and at 'and' between two noun phrases (not in
     'small and red' or 'below and to the right of'). A position phrase is given to the object
@@ -171,7 +185,7 @@ def parse_mentions(
         found = _objects_in(clause, vocab)
         positions = _positions_in(clause, vocab)
         position = positions[0] if len(found) == 1 and len(set(positions)) == 1 else None
-        mentions += [ObjectMention(colour, shape, position) for colour, shape in found]
+        mentions += [ObjectMention(colour, shape, position, size) for colour, shape, size in found]
     return mentions
 
 
@@ -181,24 +195,32 @@ def _clauses(text: str, vocab: AttributeVocab) -> list[list[str]]:
     clauses: list[list[str]] = [[]]
     for token in re.findall(r"[^\W\d_]+|[,;]", text):
         previous = clauses[-1][-1] if clauses[-1] else None
-        if token in (",", ";") or (token == "and" and previous not in joins_adjectives):
+        breaks = token in (",", ";") or token in vocab.clause_breaks
+        if breaks or (token == "and" and previous not in joins_adjectives):
             clauses.append([])
         else:
             clauses[-1].append(token)
     return [c for c in clauses if c]
 
 
-def _objects_in(words: list[str], vocab: AttributeVocab) -> list[tuple[str | None, str]]:
-    """(colour, shape) of each shape word: the colour right before it ('red circle'), else the
-    first colour after it before the next shape ('the circle at the top is small and red')."""
+def _objects_in(
+    words: list[str], vocab: AttributeVocab
+) -> list[tuple[str | None, str, str | None]]:
+    """(colour, shape, size) of each shape word: the words right before it ('small red circle'),
+    or, when no colour stands before it, the first colour and size after it before the next
+    shape ('the circle at the top is small and red')."""
     shape_at = [i for i, w in enumerate(words) if w in vocab.shapes]
-    found: list[tuple[str | None, str]] = []
+    found: list[tuple[str | None, str, str | None]] = []
     for n, i in enumerate(shape_at):
-        colour = words[i - 1] if i > 0 and words[i - 1] in vocab.colours else None
-        if colour is None:
-            stop = shape_at[n + 1] if n + 1 < len(shape_at) else len(words)
-            colour = next((w for w in words[i + 1 : stop] if w in vocab.colours), None)
-        found.append((colour, words[i]))
+        before = words[max(i - 2, 0) : i]  # [size, colour], [.., colour] or [.., size]
+        colour: str | None
+        if before and before[-1] in vocab.colours:
+            colour, size = before[-1], vocab.sizes.get(before[0])
+        else:  # predicate form: the adjectives follow
+            after = words[i + 1 : shape_at[n + 1] if n + 1 < len(shape_at) else len(words)]
+            colour = next((w for w in after if w in vocab.colours), None)
+            size = next((vocab.sizes[w] for w in [*before[-1:], *after] if w in vocab.sizes), None)
+        found.append((colour, words[i], size))
     return found
 
 

@@ -1,5 +1,7 @@
 """Library code only: towers, heads, the registry of architectures and the tokenizer."""
 
+from vlpt.models.captioning import caption_images
+from vlpt.models.generation import GenerationConfig
 from vlpt.models.model import VisionLanguageModel, build_model
 from vlpt.models.registry import UnknownModelError, get_model_config, list_models
 from vlpt.models.tokenizer import Tokenizer
@@ -12,11 +14,13 @@ def get_tokenizer(name_or_path: str = "tiny") -> Tokenizer:
 
 
 __all__ = [
+    "GenerationConfig",
     "Tokenizer",
     "UnknownModelError",
     "VisionLanguageModel",
     "WeightsError",
     "build_model",
+    "caption_images",
     "get_model_config",
     "get_tokenizer",
     "list_models",

@@ -221,14 +221,27 @@ class CaptionDecoder(nn.Module):
             DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
         )
         self.ln_final = nn.LayerNorm(cfg.width)
-        self.output_projection = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output_projection.weight = self.token_embedding.weight
+        # Tied: the logits read the token table itself, so the state dict names that tensor
+        # once (safetensors refuses two names for one tensor).
+        self.output_projection: nn.Linear | None = None
+        if not cfg.tie_embeddings:
+            self.output_projection = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @property
     def context_length(self) -> int:
         return self.cfg.context_length
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, width) vocabulary projection: the token table when tied."""
+        if self.output_projection is None:
+            return self.token_embedding.weight
+        return self.output_projection.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., width) -> vocabulary logits (..., V)."""
+        return F.linear(self.ln_final(hidden), self.output_weight)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -269,14 +282,22 @@ class CaptionDecoder(nn.Module):
         Position i predicts token i + 1. `last_only` returns logits (B, 1, V) of the last position
         (what uncached generation needs: the vocabulary projection is a large part of a step).
         """
+        x = self.hidden_states(tokens, visual_tokens)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def hidden_states(self, tokens: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing up to the vocabulary projection: -> (B, L, width), before `ln_final`.
+
+        `logits(hidden[selected])` then projects only the positions that have a target (training
+        skips the padding: the 49k-wide projection is most of a small decoder's work)."""
         self._check_length(tokens.shape[1])
         memory = self.encode_visual(visual_tokens)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         for block in self._blocks():
             x = block(x, block.cross_attn.keys_values(memory))
-        if last_only:
-            x = x[:, -1:]
-        return self.output_projection(self.ln_final(x))
+        return x
 
     @torch.no_grad()
     def init_cache(self, visual_tokens: torch.Tensor, max_length: int | None = None) -> KVCache:
@@ -311,7 +332,7 @@ class CaptionDecoder(nn.Module):
             self_kv = (cache.self_keys[i], cache.self_values[i])
             x = block(x, (cache.cross_keys[i], cache.cross_values[i]), self_kv, start)
         cache.length = start + t
-        return self.output_projection(self.ln_final(x))
+        return self.logits(x)
 
     def _check_length(self, length: int) -> None:
         if length > self.context_length:

@@ -15,6 +15,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _buil
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.fusion import FusionEncoder
 from vlpt.models.mae import MAEDecoder
 from vlpt.models.registry import get_model_config
@@ -41,6 +42,7 @@ class VisionLanguageModel(nn.Module):
         init_logit_bias: float = -10.0,
         fusion_cfg: dict[str, Any] | None = None,
         mae_cfg: dict[str, Any] | None = None,
+        decoder_cfg: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         vision_cfg = dict(vision_cfg)
@@ -85,6 +87,15 @@ class VisionLanguageModel(nn.Module):
         if mae_cfg is not None:
             sizes = {"visual_width": vcfg.width, "image_size": self.image_size}
             self.mae_decoder = MAEDecoder({**sizes, "patch_size": vcfg.patch_size, **mae_cfg})
+        # Caption decoder (registry key "decoder_cfg"): its own token table and positions, its
+        # cross-attention reading the vision tower's tokens; vocabulary and length from the text
+        # tower, so the one tokenizer serves both.
+        self.decoder: CaptionDecoder | None = None
+        if decoder_cfg is not None:
+            text_sizes = {"context_length": tcfg.context_length, "vocab_size": tcfg.vocab_size}
+            self.decoder = CaptionDecoder(
+                {**text_sizes, "visual_width": vcfg.width, "width": tcfg.width, **decoder_cfg}
+            )
 
     def heads(self) -> dict[str, nn.Module]:
         """The optional heads this model has, by the name an objective asks for them with."""
@@ -95,7 +106,30 @@ class VisionLanguageModel(nn.Module):
             )
         if self.mae_decoder is not None:
             found["mae_decoder"] = self.mae_decoder
+        if self.decoder is not None:
+            found["decoder"] = self.decoder
         return found
+
+    def contrastive_parameters(self) -> list[nn.Parameter]:
+        """The parameters the contrastive features and their temperature depend on and the
+        visual tokens do not: the text tower (whose token table the fusion encoder also reads),
+        the vision projection, the temporal module, `logit_scale` and `logit_bias`."""
+        params = list(self.text.parameters())
+        if self.visual.proj is not None:
+            params.append(self.visual.proj)
+        if self.temporal is not None:
+            params += list(self.temporal.parameters())
+        return [*params, self.logit_scale, self.logit_bias]
+
+    def caption_decoder(self) -> CaptionDecoder:
+        """The caption decoder, or a ValueError saying that this model has none."""
+        if self.decoder is None:
+            raise ValueError(
+                "this checkpoint has no caption decoder (decoder_cfg); fine-tune one with "
+                "`vlpt finetune configs/finetune/synthetic-caption-tiny.yaml init=CHECKPOINT` "
+                '(model tiny-conv-caption), or use a model whose JSON has "decoder_cfg".'
+            )
+        return self.decoder
 
     def set_patch_dropout(self, ratio: float) -> None:
         """FLIP: drop this fraction of patch tokens in training (0 turns it off)."""
@@ -112,17 +146,37 @@ class VisionLanguageModel(nn.Module):
 
         Every frame goes through the image tower; the temporal module (mean pooling for a model
         without one) turns the (B, T, D) frame embeddings into one per clip."""
-        if images.ndim == 5:
-            batch, n_frames = images.shape[:2]
-            frames = self.visual(images.flatten(0, 1)).unflatten(0, (batch, n_frames))
-            features = (
-                self.temporal(frames) if self.temporal is not None else frames.float().mean(1)
-            )
-        else:
-            features = self.visual(images)
-            if self.temporal is not None:
-                features = self.temporal(features.unsqueeze(1))
+        features = self._pool_frames(self._encode_frames(images, with_tokens=False)[0])
         return F.normalize(features, dim=-1) if normalize else features
+
+    def _encode_frames(
+        self, images: torch.Tensor, with_tokens: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (B, 3, H, W) as one-frame clips, or clips (B, T, 3, H, W), through the image
+        tower frame by frame -> frame embeddings (B, T, D) and, `with_tokens`, the frames' output
+        tokens (B, T, 1 + N, W): CLS first, after `ln_post`, before pooling and projection.
+
+        The token path is written out (open_clip's `output_tokens=True` drops the CLS token and
+        changes the tower's return type) for the standard tower: no attention pooling,
+        `ln_post` on all tokens before pooling, which every registered architecture uses."""
+        clips = images if images.ndim == 5 else images.unsqueeze(1)
+        shape = clips.shape[:2]
+        frames = clips.flatten(0, 1)
+        if not with_tokens:
+            return self.visual(frames).unflatten(0, shape), None
+        tower = self.visual
+        tokens = tower.ln_post(tower.transformer(tower._embeds(frames)))  # (B*T, 1 + N, W)
+        pooled, _ = tower._global_pool(tokens)
+        if tower.proj is not None:
+            pooled = pooled @ tower.proj  # (B*T, D)
+        return pooled.unflatten(0, shape), tokens.unflatten(0, shape)
+
+    def _pool_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) frame embeddings -> (B, D): the temporal module, or the mean of the frames
+        for a model without one (a single frame is passed through)."""
+        if self.temporal is not None:
+            return self.temporal(frames)
+        return frames[:, 0] if frames.shape[1] == 1 else frames.float().mean(1)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, L) token ids, 0-padded, L <= context_length -> (B, D) embeddings.
@@ -148,10 +202,8 @@ class VisionLanguageModel(nn.Module):
         """(B, T, 3, H, W) clips -> normalised embeddings of the clips and of the same clips
         played backwards, (B, D) each, from one pass of the image tower over the frames (only
         the temporal module runs twice)."""
-        batch, n_frames = clips.shape[:2]
-        frames = self.visual(clips.flatten(0, 1)).unflatten(0, (batch, n_frames))  # (B, T, D)
-        pool = self.temporal if self.temporal is not None else (lambda f: f.float().mean(1))
-        forward, backward = pool(frames), pool(frames.flip(1))
+        frames = self._encode_frames(clips, with_tokens=False)[0]  # (B, T, D)
+        forward, backward = self._pool_frames(frames), self._pool_frames(frames.flip(1))
         return F.normalize(forward, dim=-1), F.normalize(backward, dim=-1)
 
     def encode_image_with_tokens(
@@ -160,26 +212,11 @@ class VisionLanguageModel(nn.Module):
         """One pass of the image tower giving `encode_image`'s embeddings (B, D) and the visual
         tokens (B, 1 + N, W): every output token (CLS first) after `ln_post`, before pooling and
         projection; a clip (B, T, 3, H, W) gives its frames' tokens one after the other,
-        (B, T * (1 + N), W). Patch dropout, when active, leaves fewer tokens.
-
-        Written out (open_clip's `output_tokens=True` drops the CLS token and changes the
-        tower's return type) for the standard tower: no attention pooling, `ln_post` on all
-        tokens before pooling, which every registered architecture uses."""
-        clip = images.ndim == 5
-        frames = images.flatten(0, 1) if clip else images
-        tower = self.visual
-        tokens = tower.ln_post(tower.transformer(tower._embeds(frames)))  # (B*T, 1 + N, W)
-        pooled, _ = tower._global_pool(tokens)
-        if tower.proj is not None:
-            pooled = pooled @ tower.proj  # (B*T, D)
-        if clip:
-            batch, n_frames = images.shape[:2]
-            per_frame = pooled.unflatten(0, (batch, n_frames))
-            pooled = self.temporal(per_frame) if self.temporal is not None else per_frame.mean(1)
-            tokens = tokens.unflatten(0, (batch, n_frames)).flatten(1, 2)
-        elif self.temporal is not None:
-            pooled = self.temporal(pooled.unsqueeze(1))
-        return (F.normalize(pooled, dim=-1) if normalize else pooled), tokens
+        (B, T * (1 + N), W). Patch dropout, when active, leaves fewer tokens."""
+        frames, tokens = self._encode_frames(images, with_tokens=True)
+        assert tokens is not None
+        pooled = self._pool_frames(frames)
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), tokens.flatten(1, 2)
 
     def encode_visible_patches(self, frames: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """MAE encoder pass: (B, 3, H, W) frames, `keep` (B, K) patch indices -> (B, 1 + K, W)
@@ -209,9 +246,15 @@ class VisionLanguageModel(nn.Module):
         return self.fusion.itm_head(hidden[:, 0])
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, needs: frozenset[str] = frozenset()
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor | None,
+        needs: frozenset[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
-        """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W)."""
+        """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W).
+
+        `tokens=None` skips the text tower (no `text_features`): objectives that only read the
+        visual tokens, such as captioning, do not pay for it."""
         outputs: dict[str, torch.Tensor] = {}
         if "reversed_features" in needs and images.ndim == 5 and "visual_tokens" not in needs:
             outputs["image_features"], outputs["reversed_features"] = self.encode_clip_both_ways(
@@ -223,7 +266,8 @@ class VisionLanguageModel(nn.Module):
             )
         else:
             outputs["image_features"] = self.encode_image(images)  # (B, D)
-        outputs["text_features"] = self.encode_text(tokens)  # (B, D)
+        if tokens is not None:
+            outputs["text_features"] = self.encode_text(tokens)  # (B, D)
         outputs["logit_scale"] = self.logit_scale.exp().clamp(max=100.0)
         outputs["logit_bias"] = self.logit_bias
         return outputs
@@ -277,7 +321,7 @@ def build_model(
     temporal_cfg = cfg.get("temporal_cfg")
     if temporal:
         temporal_cfg = {**(temporal_cfg or {}), "kind": temporal}
-    keys = ("init_logit_scale", "init_logit_bias", "fusion_cfg", "mae_cfg")
+    keys = ("init_logit_scale", "init_logit_bias", "fusion_cfg", "mae_cfg", "decoder_cfg")
     extra = {k: cfg[k] for k in keys if k in cfg}
     model = VisionLanguageModel(
         cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], temporal_cfg, **extra

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlpt.config import ConfigError, RunConfig
 from vlpt.models import VisionLanguageModel
+from vlpt.objectives.caption import Captioning
 from vlpt.objectives.contrastive import ClipLoss, SigLipLoss
 from vlpt.objectives.gather import all_gather_with_grad, rank_and_world_size
 from vlpt.objectives.itm import ImageTextMatching, sample_hard_negatives
@@ -23,21 +24,10 @@ from vlpt.objectives.stack import ModelWithObjectives
 
 
 def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -> nn.ModuleList:
-    """The objectives a run trains with: the contrastive loss of `cfg.loss` (clip|siglip) and
-    every enabled entry of `cfg.objectives`. Given the `model`, an enabled objective whose head
-    the model lacks is a ConfigError naming both."""
-    loss = cfg.loss
-    if loss.name == "clip":
-        contrastive: nn.Module = ClipLoss(
-            weight=loss.weight,
-            local_loss=loss.local_loss,
-            reversed_negatives=loss.reversed_negatives,
-        )
-    elif loss.name == "siglip":
-        contrastive = SigLipLoss(weight=loss.weight)
-    else:  # unreachable through RunConfig validation; kept for configs built by hand
-        raise ValueError(f"loss.name '{loss.name}' is unknown; use 'clip' or 'siglip'.")
-    objectives = [contrastive]
+    """The objectives a run trains with: the contrastive loss of `cfg.loss` (clip|siglip; none
+    when its weight is 0) and every enabled entry of `cfg.objectives`. Given the `model`, an
+    enabled objective whose head the model lacks is a ConfigError naming both."""
+    objectives = [_contrastive(cfg)] if cfg.loss.weight > 0 else []
     masked = cfg.objectives
     enabled: dict[str, nn.Module] = {}
     if masked.mlm.enabled:
@@ -46,14 +36,40 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
         enabled["itm"] = ImageTextMatching(masked.itm.weight)
     if masked.mim.enabled:
         enabled["mim"] = MaskedImageModeling(masked.mim.weight, masked.mim.mask_ratio)
+    if masked.caption.enabled:
+        enabled["caption"] = Captioning(masked.caption.weight)
     for key, objective in enabled.items():
         if model is not None:
             _check_heads(f"objectives.{key}", objective, model, cfg.model.name)
         objectives.append(objective)
+    if not objectives:
+        raise ConfigError(
+            "nothing to train: loss.weight is 0 and no objective is enabled; set loss.weight > 0 "
+            "or enable one, e.g. objectives.caption.enabled=true."
+        )
     return nn.ModuleList(objectives)
 
 
-_HEAD_NAMES = {"fusion": "fusion encoder", "mae_decoder": "MAE decoder"}
+def _contrastive(cfg: RunConfig) -> nn.Module:
+    loss = cfg.loss
+    if loss.name == "clip":
+        return ClipLoss(
+            weight=loss.weight,
+            local_loss=loss.local_loss,
+            reversed_negatives=loss.reversed_negatives,
+        )
+    if loss.name == "siglip":
+        return SigLipLoss(weight=loss.weight)
+    # unreachable through RunConfig validation; kept for configs built by hand
+    raise ValueError(f"loss.name '{loss.name}' is unknown; use 'clip' or 'siglip'.")
+
+
+# A head an objective trains -> (what it is, its registry JSON key, a model that has it).
+_HEADS = {
+    "fusion": ("fusion encoder", "fusion_cfg", "tiny-masked"),
+    "mae_decoder": ("MAE decoder", "mae_cfg", "tiny-masked"),
+    "decoder": ("caption decoder", "decoder_cfg", "tiny-conv-caption"),
+}
 
 
 def _check_heads(
@@ -61,16 +77,17 @@ def _check_heads(
 ) -> None:
     missing = [h for h in getattr(objective, "heads", ()) if h not in model.heads()]
     if missing:
-        entry = "mae_cfg" if "mae_decoder" in missing else "fusion_cfg"
-        head = _HEAD_NAMES.get(missing[0], missing[0])
+        # mlm_head / itm_head live inside the fusion encoder: name the encoder.
+        head, entry, example = _HEADS.get(missing[0], _HEADS["fusion"])
         raise ConfigError(
             f"config enables {key}, but model '{model_name}' has no {head} (its JSON has "
-            f'no "{entry}"); use a model with that head, e.g. model.name=tiny-masked, or set '
+            f'no "{entry}"); use a model with that head, e.g. model.name={example}, or set '
             f"{key}.enabled=false."
         )
 
 
 __all__ = [
+    "Captioning",
     "ClipLoss",
     "ImageTextMatching",
     "MaskedImageModeling",

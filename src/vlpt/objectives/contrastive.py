@@ -36,7 +36,7 @@ class ClipLoss(nn.Module):
     labels offset by rank; the average over ranks is the global loss, at 1/world the memory.
     """
 
-    needs: frozenset[str] = frozenset()
+    needs: frozenset[str] = frozenset({"features"})
     heads: tuple[str, ...] = ()
 
     def __init__(
@@ -50,7 +50,8 @@ class ClipLoss(nn.Module):
         # Random in-batch negatives almost never differ from a positive only in direction, so
         # without these the temporal module gets no reason to learn the order of frames.
         self.reversed_negatives = reversed_negatives
-        self.needs = frozenset({"reversed_features"}) if reversed_negatives else frozenset()
+        if reversed_negatives:
+            self.needs = frozenset({"features", "reversed_features"})
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
     def labels(self, device: torch.device, size: int, offset: int) -> torch.Tensor:
@@ -104,7 +105,7 @@ class SigLipLoss(nn.Module):
     are no larger than CLIP's local loss.
     """
 
-    needs: frozenset[str] = frozenset()
+    needs: frozenset[str] = frozenset({"features"})
     heads: tuple[str, ...] = ()
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -45,7 +45,7 @@ def pad_tokens(tokens: torch.Tensor, length: int) -> torch.Tensor:
 class ImageTextMatching(nn.Module):
     """`loss/itm`: is this caption about this image? Positives and hard negatives, 1:2."""
 
-    needs = frozenset({"visual_tokens"})
+    needs = frozenset({"features", "visual_tokens"})  # features: hard negatives
     heads = ("fusion", "itm_head")
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -20,7 +20,9 @@ class ModelWithObjectives(nn.Module):
     The model computes what the objectives declare in `needs` (e.g. `visual_tokens`) and
     nothing more, so a contrastive-only run costs what it did before the masked heads existed.
     Heads that no objective declares in `heads` are frozen: they get no gradient, and DDP would
-    otherwise wait for one forever.
+    otherwise wait for one forever. Likewise, when no objective reads the contrastive
+    `features` (caption-only fine-tuning), the text tower is skipped and the parameters only
+    those features depend on are frozen.
     """
 
     def __init__(self, model: VisionLanguageModel, objectives: nn.ModuleList) -> None:
@@ -33,9 +35,15 @@ class ModelWithObjectives(nn.Module):
         for name, head in model.heads().items():
             if name not in trained:
                 head.requires_grad_(False)
+        if "features" not in self.needs:
+            for param in model.contrastive_parameters():
+                param.requires_grad_(False)
+            if "fusion" in trained:  # it reads the text tower's token table
+                model.text.token_embedding.requires_grad_(True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self.model(batch["image"], batch["text"], needs=self.needs)
+        tokens = batch["text"] if "features" in self.needs else None
+        outputs = self.model(batch["image"], tokens, needs=self.needs)
         terms: dict[str, torch.Tensor] = {}
         for objective in self.objectives:
             terms.update(objective(outputs, model=self.model, batch=batch))

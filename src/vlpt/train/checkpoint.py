@@ -175,6 +175,23 @@ def load_checkpoint(
     return state
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a folder; pass OUTPUT_DIR/checkpoints/step_XXXXXXXX or OUTPUT_DIR."
+        )
+    if (path / "model.safetensors").is_file():
+        return path
+    newest = find_resume_checkpoint(path / "checkpoints")
+    if newest is None:
+        raise CheckpointError(
+            f"'{path}' holds no complete checkpoint (model.safetensors + config.yaml)."
+        )
+    return newest
+
+
 def load_trained_model(path: str | Path) -> tuple[VisionLanguageModel, Any]:
     """Rebuild the model a checkpoint folder was trained with and load its weights.
 
@@ -182,18 +199,7 @@ def load_trained_model(path: str | Path) -> tuple[VisionLanguageModel, Any]:
     """
     from vlpt.config import RunConfig, load_config
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"checkpoint '{path}' is not a folder; pass OUTPUT_DIR/checkpoints/step_XXXXXXXX or OUTPUT_DIR."
-        )
-    if not (path / "model.safetensors").is_file():  # a run folder: take its newest checkpoint
-        newest = find_resume_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise CheckpointError(
-                f"'{path}' holds no complete checkpoint (model.safetensors + config.yaml)."
-            )
-        path = newest
+    path = checkpoint_folder(path)
     cfg = load_config(path / "config.yaml", model=RunConfig)
     if (path / "model.json").is_file():  # the architecture it was trained with, kept inside
         cfg.model = cfg.model.model_copy(update={"name": str(path / "model.json")})

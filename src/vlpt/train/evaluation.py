@@ -10,6 +10,7 @@ import torch
 
 from vlpt.config import RunConfig
 from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics, temporal_metrics
+from vlpt.eval.caption import evaluate_captions
 from vlpt.eval.masked import embed_with_visual_tokens, evaluate_mim, mlm_metrics
 from vlpt.eval.rerank import itm_hard_negative_accuracy, reranked_retrieval_metrics
 
@@ -49,6 +50,8 @@ def evaluate_run(
                 )
             )
         metrics.update(_masked_head_metrics(model, tokenizer, cfg, sources, device, split, step))
+        if cfg.objectives.caption.enabled:
+            metrics.update(_caption_metrics(model, tokenizer, cfg, sources, device))
         results.update({f"{split}/{k}": v for k, v in metrics.items()})
     return results
 
@@ -97,3 +100,20 @@ def _masked_head_metrics(
             )
         )
     return metrics
+
+
+def _caption_metrics(model, tokenizer, cfg: RunConfig, sources, device) -> dict[str, Any]:
+    """Greedy captions of the split scored against its references: `caption/{bleu4, cider,
+    rouge_l, attr_acc}` (attribute accuracy on the synthetic world's metadata)."""
+    scores = evaluate_captions(
+        model,
+        tokenizer,
+        sources,
+        batch_size=cfg.eval.batch_size,
+        max_items=cfg.eval.max_items,
+        device=device,
+        precision=cfg.train.precision,
+        num_frames=cfg.data.num_frames,
+    )
+    keys = ("bleu4", "cider", "rouge_l", "attr_acc")
+    return {f"caption/{k}": scores[k] for k in keys if scores.get(k) is not None}

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vlpt.config import RunConfig, dump_config
+from vlpt.config import DataConfig, RunConfig, dump_config
 from vlpt.data import build_train_loader
 from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
@@ -29,6 +29,7 @@ from vlpt.train import checkpoint as ckpt
 from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
+from vlpt.train.finetune import describe_init, freeze_towers, load_init_weights
 from vlpt.train.metrics import MetricsLogger, NullLogger, release_free_heap, resident_memory_mb
 from vlpt.train.optim import build_optimizer, lr_schedule, set_lr
 from vlpt.train.parallel import wrap_model
@@ -147,6 +148,11 @@ def _build(
 ) -> tuple[VisionLanguageModel, Any, ModelWithObjectives, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
     model = model_from_config(cfg.model)
+    if cfg.init:  # fine-tuning: trained weights; a resumed checkpoint overwrites them later
+        report = load_init_weights(model, cfg.init)
+        if dist_info.is_main:
+            print(describe_init(cfg.init, report))
+    freeze_towers(model, cfg.finetune.freeze)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # Only SigLIP uses the logit bias; a parameter without gradient would stall DDP's reducer.
@@ -155,19 +161,26 @@ def _build(
     tokenizer = get_tokenizer(cfg.model.name)
     objectives = build_objectives(cfg, model).to(dist_info.device)
     trainer = ModelWithObjectives(model, objectives)  # freezes the heads no objective trains
-    optimizer = build_optimizer(model, cfg.train, dist_info.device)
+    optimizer = build_optimizer(model, cfg.train, dist_info.device, cfg.finetune.layer_decay)
     return model, tokenizer, trainer, optimizer
 
 
 def frames_at(cfg: RunConfig, step: int) -> int:
     """Frames per clip at `step`: the last `data.frames_curriculum` stage that has started, or
-    `data.num_frames`. A change of stage ends a data segment (with a checkpoint), so resuming
-    reproduces it."""
+    `data.num_frames`."""
     frames = cfg.data.num_frames
     for fraction, stage_frames in cfg.data.frames_curriculum:
         if step >= fraction * cfg.train.max_steps:
             frames = stage_frames
     return frames
+
+
+def data_at(cfg: RunConfig, step: int) -> DataConfig:
+    """The data of the curriculum stage `step` is in: the training sources that have started
+    (`Source.start`) and the frames per clip (`frames_at`). A change of stage ends a data
+    segment (with a checkpoint), so resuming reproduces it."""
+    started = [s for s in cfg.data.train if step >= s.start * cfg.train.max_steps]
+    return cfg.data.model_copy(update={"num_frames": frames_at(cfg, step), "train": started})
 
 
 def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
@@ -264,8 +277,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 )
                 clock.exclude(time.monotonic() - paused)  # evaluation time is not training time
                 window.clock.exclude(time.monotonic() - paused)
-            new_frames = frames_at(cfg, state.step) != frames_at(cfg, state.step - 1)
-            if done or state.step % cfg.train.ckpt_every == 0 or new_frames:
+            new_stage = data_at(cfg, state.step) != data_at(cfg, state.step - 1)
+            if done or state.step % cfg.train.ckpt_every == 0 or new_stage:
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
                 break  # a new data segment starts here (see _segment_seed)
@@ -299,11 +312,10 @@ def _make_logger(cfg: RunConfig, out: Path, dist_info: DistInfo) -> MetricsLogge
 def _segment_loader(
     cfg: RunConfig, model: VisionLanguageModel, tokenizer: Any, dist_info: DistInfo, step: int
 ):
-    """The data stream of the segment that starts at `step` (clips of `frames_at(step)` frames)."""
+    """The data stream of the segment that starts at `step` (its stage: `data_at(step)`)."""
     release_free_heap()  # before the workers fork: they inherit (and would dirty) the free heap
-    data = cfg.data.model_copy(update={"num_frames": frames_at(cfg, step)})
     return build_train_loader(
-        data,
+        data_at(cfg, step),
         image_size=model.image_size,
         mean=model.image_mean,
         std=model.image_std,

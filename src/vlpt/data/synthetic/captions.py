@@ -45,6 +45,10 @@ BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
     "dots": ("dotted", "spotted"),
     "noise": ("noisy", "grainy"),
     "gradient": ("gradient", "shaded"),
+    # the `novel` domain's textures
+    "waves": ("wavy", "rippled"),
+    "grid": ("grid", "lined"),
+    "rings": ("ringed", "concentric"),
 }
 
 COUNT_WORDS = ("one", "two", "three", "four")

@@ -69,9 +69,25 @@ def render_background(bg: Background, size: int, rng: np.random.Generator) -> np
     elif bg.kind == "gradient":
         mix = along
     else:
-        raise ValueError(f"unknown background kind {bg.kind!r}")
+        mix = _novel_background(bg, xs, ys)
     pixels = base + mix[..., None] * (accent - base)  # (size, size, 3)
     return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
+
+
+def _novel_background(bg: Background, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """The textures of the `novel` domain (never drawn in the default world), as a 0..1 mix."""
+    if bg.kind == "waves":  # sinusoidal bands, wavering across the other axis
+        across, along = (xs, ys) if bg.direction == 0 else (ys, xs)
+        phase = along + 0.3 * bg.period * np.sin(2 * np.pi * across / (2 * bg.period))
+        return ((phase / bg.period) % 1.0 < 0.5).astype(np.float32)
+    if bg.kind == "grid":  # thin lines on a plain ground
+        line = 0.18
+        on_x, on_y = (xs / bg.period) % 1.0 < line, (ys / bg.period) % 1.0 < line
+        return (on_x | on_y).astype(np.float32)
+    if bg.kind == "rings":  # concentric circles around the image centre
+        radius = np.sqrt((xs - 0.5) ** 2 + (ys - 0.5) ** 2)
+        return ((radius / bg.period) % 1.0 < 0.5).astype(np.float32)
+    raise ValueError(f"unknown background kind {bg.kind!r}")
 
 
 def draw_sprite(image: Image.Image, sprite: Sprite) -> None:
@@ -142,12 +158,35 @@ def unit_polygon(shape: str) -> tuple[tuple[float, float], ...]:
     if shape == "diamond":
         # Taller than wide, so a slightly tilted square never reads as a diamond.
         return ((0.0, -1.1), (0.72, 0.0), (0.0, 1.1), (-0.72, 0.0))
+    return _novel_polygon(shape)
+
+
+def _novel_polygon(shape: str) -> tuple[tuple[float, float], ...]:
+    """The shapes of the `novel` domain (never drawn in the default world)."""
+    if shape == "hexagon":
+        return tuple(_polar(1.0, 60 * k) for k in range(6))
+    if shape == "arrow":  # pointing right: a shaft and a head
+        return (
+            (-0.95, -0.22), (0.15, -0.22), (0.15, -0.65), (0.95, 0.0),
+            (0.15, 0.65), (0.15, 0.22), (-0.95, 0.22),
+        )  # fmt: skip
+    if shape == "heart":  # the classic parametric heart, point down, scaled to about unit radius
+        t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        return tuple((float(a) / 16, -float(b) / 16 - 0.1) for a, b in zip(x, y))
+    if shape == "crescent":
+        # The unit disc minus a disc of radius 0.8 centred at (0.5, 0): the outer arc through
+        # the left, then back along the inner arc; shifted right to centre it.
+        outer = [_polar(1.0, a, dx=0.2) for a in np.linspace(52, 308, 16)]
+        inner = [_polar(0.8, a, dx=0.7) for a in np.linspace(278, 82, 12)]
+        return tuple(outer + inner)
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _polar(radius: float, degrees: float, dy: float = 0.0) -> tuple[float, float]:
+def _polar(radius: float, degrees: float, dy: float = 0.0, dx: float = 0.0) -> tuple[float, float]:
     t = math.radians(degrees)
-    return (radius * math.cos(t), radius * math.sin(t) + dy)
+    return (radius * math.cos(t) + dx, radius * math.sin(t) + dy)
 
 
 @lru_cache(maxsize=8)

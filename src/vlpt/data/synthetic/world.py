@@ -50,6 +50,27 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "checker", "dots", "noise", 
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
+
+@dataclass(frozen=True)
+class Domain:
+    """A variant of the world: the shapes and background textures its scenes are drawn from.
+
+    Colours, sizes, positions, relations and caption templates are shared by every domain, so a
+    model trained on one can be tested zero-shot on another: what differs is only what it has
+    never seen (for retrieval fine-tuning on a held-out domain)."""
+
+    name: str
+    shapes: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+
+
+# `novel` shares nothing visual with the default world but colours: four new shapes (and words
+# for them) on three new textures. It is what "a held-out domain" means in the benchmarks.
+DOMAINS: dict[str, Domain] = {
+    "default": Domain("default", SHAPES, BACKGROUNDS),
+    "novel": Domain("novel", ("heart", "hexagon", "arrow", "crescent"), ("waves", "grid", "rings")),
+}
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 N_HELD_OUT = 8
@@ -148,22 +169,23 @@ def relation_words(a: ObjectSpec, b: ObjectSpec) -> list[str]:
     return rels
 
 
-def held_out_pairs(seed: int) -> tuple[tuple[str, str], ...]:
+def held_out_pairs(seed: int, shapes: tuple[str, ...] = SHAPES) -> tuple[tuple[str, str], ...]:
     """The (colour, shape) pairs that appear only in the test split.
 
-    Each colour is held out with exactly one shape and each shape with at most two colours, so
-    every colour and every shape is still seen in training with other partners.
+    Each colour is held out with exactly one shape and each shape with at most two colours (the
+    default six shapes; four shapes get two each), so every colour and every shape is still
+    seen in training with other partners.
     """
     rng = np.random.default_rng([seed, _HELD_OUT_STREAM])
     colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
-    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
+    shapes = tuple(shapes[i] for i in rng.permutation(len(shapes)))
     pairs = [(colours[i], shapes[i % len(shapes)]) for i in range(N_HELD_OUT)]
     return tuple(sorted(pairs))
 
 
-def sample_background(rng: np.random.Generator) -> Background:
+def sample_background(rng: np.random.Generator, kinds: tuple[str, ...] = BACKGROUNDS) -> Background:
     """A low-saturation, mid-lightness backdrop: both white and black objects stand out on it."""
-    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    kind = kinds[rng.integers(len(kinds))]
     hue = rng.uniform(0.0, 1.0)
     sat = rng.uniform(0.0, 0.25)
     value = rng.uniform(0.42, 0.62)
@@ -180,15 +202,16 @@ def sample_scene(
     held_out: tuple[tuple[str, str], ...],
     require_held_out: bool,
     max_objects: int = 3,
+    domain: Domain = DOMAINS["default"],
 ) -> SceneSpec:
     """Sample a scene of 1..max_objects objects with distinct cells and distinct colour-shape pairs.
 
     With `require_held_out` the first object drawn uses a held-out pair (test split); otherwise
-    no object does (train and val).
+    no object does (train and val). Shapes and backgrounds come from `domain`.
     """
     n = int(rng.integers(1, max_objects + 1))
     cells = rng.choice(9, size=n, replace=False)
-    all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    all_pairs = [(c, s) for c in COLOURS for s in domain.shapes]
     allowed = [p for p in all_pairs if p not in held_out]
     chosen: list[tuple[str, str]] = []
     if require_held_out:
@@ -209,7 +232,7 @@ def sample_scene(
         )
         for i, k in enumerate(order)
     )
-    return SceneSpec(sample_background(rng), objects)
+    return SceneSpec(sample_background(rng, domain.backgrounds), objects)
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> RGB:

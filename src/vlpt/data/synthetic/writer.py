@@ -34,6 +34,7 @@ from vlpt.data.synthetic.render import render_scene
 
 JPEG_QUALITY = 90
 _SPLIT_ID = {split: i for i, split in enumerate(world.SPLITS)}
+_DOMAIN_STREAM = 1_000
 _SHARD_FILE = re.compile(r"^(?P<shard>\d{5})(?P<ext>\.tar|_stats\.json|\.tar\.tmp)$")
 
 
@@ -46,6 +47,7 @@ class SynthSettings:
     shard_size: int
     captions_per_image: int
     held_out: tuple[tuple[str, str], ...]
+    domain: str = "default"
 
 
 SampleMaker = Callable[[str, int], dict[str, str | bytes]]
@@ -85,16 +87,22 @@ def write_dataset(
     captions_per_image: int = 5,
     workers: int | None = None,
     progress: bool = True,
+    domain: str = "default",
 ) -> dict:
     """Generate the train/val/test image shards of the synthetic world under `out_dir`.
 
-    Returns a summary: {"out_dir", "seed", "counts": {split: images}, "shards": {split: n},
-    "seconds", "images_per_minute"}.
+    `domain` picks a variant of the world (`world.DOMAINS`): `novel` has shapes and backgrounds
+    the default world never draws, a held-out domain for fine-tuning. Returns a summary:
+    {"out_dir", "seed", "counts": {split: images}, "shards": {split: n}, "seconds",
+    "images_per_minute"}.
     """
     counts = {"train": n_train, "val": n_val, "test": n_test}
     _check_args(seed, counts, size, shard_size, captions_per_image, workers)
+    if domain not in world.DOMAINS:
+        raise ValueError(f"domain '{domain}' is unknown; use one of {', '.join(world.DOMAINS)}.")
     out = Path(out_dir)
-    settings = SynthSettings(seed, size, shard_size, captions_per_image, world.held_out_pairs(seed))
+    held_out = world.held_out_pairs(seed, world.DOMAINS[domain].shapes)
+    settings = SynthSettings(seed, size, shard_size, captions_per_image, held_out, domain)
     make = partial(make_sample, settings)
     seconds = write_splits(out, counts, shard_size, make, workers=workers, progress=progress)
     info = dataset_info(settings, counts)
@@ -162,9 +170,16 @@ def write_shard(job: ShardJob) -> int:
 def make_sample(cfg: SynthSettings, split: str, index: int) -> dict[str, str | bytes]:
     """The sample for image `index` of `split`: key, JPEG, captions and metadata."""
     # Separate streams for layout, pixels and text: changing the caption count leaves images alone.
-    entropy = np.random.SeedSequence([cfg.seed, _SPLIT_ID[split], index])
+    # Another domain adds its own stream id, so its layouts are not the default world's.
+    domain = world.DOMAINS[cfg.domain]
+    stream = [cfg.seed, _SPLIT_ID[split], index]
+    if cfg.domain != "default":
+        stream.append(_DOMAIN_STREAM + list(world.DOMAINS).index(cfg.domain))
+    entropy = np.random.SeedSequence(stream)
     scene_rng, pixel_rng, text_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
-    spec = world.sample_scene(scene_rng, held_out=cfg.held_out, require_held_out=split == "test")
+    spec = world.sample_scene(
+        scene_rng, held_out=cfg.held_out, require_held_out=split == "test", domain=domain
+    )
     image = render_scene(spec.to_scene(pixel_rng), cfg.size, pixel_rng)
     jpeg = io.BytesIO()
     # 4:4:4 chroma: the default 4:2:0 smears the colour of a 12 px object into its background.
@@ -215,8 +230,12 @@ def sample_metadata(
 
 def dataset_info(settings: SynthSettings, counts: dict[str, int]) -> dict:
     """Contents of `OUT_DIR/info.json`: everything needed to regenerate or interpret the data."""
+    domain = world.DOMAINS[settings.domain]
+    # The default world's info.json predates domains and stays byte-identical: no "domain" key.
+    named = {} if settings.domain == "default" else {"domain": settings.domain}
     return {
         "name": "vlpt-synthetic",
+        **named,
         "seed": settings.seed,
         "image_size": settings.size,
         "shard_size": settings.shard_size,
@@ -224,11 +243,11 @@ def dataset_info(settings: SynthSettings, counts: dict[str, int]) -> dict:
         "counts": counts,
         "shards": {split: -(-n // settings.shard_size) for split, n in counts.items()},
         "vocab": {
-            "shapes": list(world.SHAPES),
+            "shapes": list(domain.shapes),
             "colours": list(world.COLOURS),
             "sizes": list(world.SIZES),
             "positions": list(world.POSITIONS),
-            "backgrounds": list(world.BACKGROUNDS),
+            "backgrounds": list(domain.backgrounds),
             "relations": list(world.RELATIONS),
         },
         "held_out_pairs": [{"colour": c, "shape": s} for c, s in settings.held_out],

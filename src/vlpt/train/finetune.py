@@ -1,0 +1,114 @@
+"""Fine-tuning: the pretraining loop started from trained weights (`init`), with towers
+optionally frozen (`finetune.freeze`) and layer-wise learning-rate decay (`finetune.layer_decay`,
+applied by the optimiser).
+
+`vlpt finetune CONFIG init=CKPT` differs from `vlpt pretrain` only in requiring `init`: the same
+loop, run folder, checkpoints, logging and `resume=auto`. Task configs live in configs/finetune/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
+from torch import nn
+
+from vlpt.config import ConfigError, RunConfig
+from vlpt.models import VisionLanguageModel, WeightsError
+from vlpt.models.weights import read_state_dict
+from vlpt.train.checkpoint import CheckpointError, checkpoint_folder
+
+# Top-level parts of the model that may be absent from `init` and then start from random init:
+# the heads a fine-tune adds (a caption decoder on a contrastive checkpoint), a temporal module
+# added for clips, and SigLIP's bias (open_clip's CLIP checkpoints have none).
+FRESH_PARTS = ("decoder", "fusion", "mae_decoder", "temporal", "logit_bias")
+
+
+class InitReport(NamedTuple):
+    fresh: list[str]
+    """Parts of the model not in `init`, left at their random init (e.g. `decoder`)."""
+    ignored: list[str]
+    """Parts of `init` the model has no place for (e.g. a `fusion` head), not loaded."""
+
+
+def finetune(cfg: RunConfig) -> dict[str, Any]:
+    """`pretrain(cfg)` after checking that `cfg.init` names readable weights."""
+    from vlpt.train.loop import pretrain
+
+    require_init(cfg)
+    return pretrain(cfg)
+
+
+def require_init(cfg: RunConfig) -> None:
+    """A ConfigError when `cfg.init` is empty, a CheckpointError when it names nothing usable."""
+    if not cfg.init:
+        raise ConfigError(
+            "vlpt finetune needs init=CHECKPOINT, the weights to start from (a checkpoint "
+            "folder, a run folder or a weights file), e.g. "
+            "init=runs/synthetic-tiny/checkpoints/step_00000560."
+        )
+    init_weights_file(cfg.init)
+
+
+def init_weights_file(init: str | Path) -> Path:
+    """The weights file `init` names: a checkpoint folder's (or a run folder's newest
+    checkpoint's) model.safetensors, or the file itself."""
+    path = Path(init)
+    if not path.exists():
+        raise CheckpointError(
+            f"init '{path}' does not exist; pass a checkpoint folder "
+            "(OUTPUT_DIR/checkpoints/step_XXXXXXXX), a run folder or a weights file."
+        )
+    return checkpoint_folder(path) / "model.safetensors" if path.is_dir() else path
+
+
+def load_init_weights(model: VisionLanguageModel, init: str | Path) -> InitReport:
+    """Load `init` (vlpt or open_clip names) into `model`, leaving `FRESH_PARTS` it lacks at
+    their random init. A tower tensor it lacks, or any tensor of another shape, is a
+    WeightsError naming the tensor."""
+    file = init_weights_file(init)
+    state = convert_to_custom_text_state_dict(read_state_dict(file))
+    resize_pos_embed(state, model)  # a checkpoint trained at another resolution still loads
+    own = model.state_dict()
+    for key, tensor in own.items():
+        if key in state and state[key].shape != tensor.shape:
+            raise WeightsError(
+                f"init '{init}' does not fit model: '{key}' has shape {tuple(state[key].shape)}, "
+                f"the model's {tuple(tensor.shape)}; check that model.name matches it."
+            )
+        if key not in state and _part(key) not in FRESH_PARTS:
+            raise WeightsError(
+                f"init '{init}' does not fit model: it has no '{key}'; check that model.name "
+                "matches the checkpoint's architecture."
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return InitReport(
+        fresh=sorted({_part(k) for k in own if k not in state}),
+        ignored=sorted({_part(k) for k in state if k not in own}),
+    )
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def describe_init(init: str, report: InitReport) -> str:
+    """The console line about what `init` gave the model."""
+    line = f"vlpt: initialised from {init}"
+    if report.fresh:
+        line += f"; not in it, freshly initialised: {', '.join(report.fresh)}"
+    if report.ignored:
+        line += f"; in it but not in this model, ignored: {', '.join(report.ignored)}"
+    return line
+
+
+def freeze_towers(model: VisionLanguageModel, towers: Sequence[str]) -> None:
+    """No gradient (and so no optimiser state) for the named towers: `vision` (`.visual`, its
+    projection included) and `text` (`.text`). The towers have no batch norm or dropout, so
+    train mode changes nothing in them (patch dropout, a `model` option, aside) and they
+    are not switched to eval mode."""
+    parts: dict[str, nn.Module] = {"vision": model.visual, "text": model.text}
+    for tower in towers:
+        parts[tower].requires_grad_(False)
