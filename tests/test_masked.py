@@ -112,6 +112,19 @@ def test_rerank_reorders_only_the_top_k():
     assert order == [2, 1, 0, 3, 4, 5]  # top 3 reversed by the ITM scores, the rest as before
 
 
+def test_rerank_keeps_small_itm_differences_under_bf16_scores():
+    # Scores as bf16 autocast makes them, ITM scores that differ by 0.01: the order must hold
+    # (a fixed offset of 1e4 in bf16 once made every re-scored candidate tie).
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]], dtype=torch.bfloat16)
+    reranked, _ = rerank_top_k(scores, 3, lambda q, c: -20 + 0.01 * c.float())
+    assert reranked.dtype == torch.float32
+    assert reranked[0].argsort(descending=True).tolist() == [0, 1, 2, 3, 4, 5]
+    reranked, _ = rerank_top_k(scores, 3, lambda q, c: 20 - 0.5 * c.float())
+    assert reranked[0].argsort(descending=True).tolist() == [0, 1, 2, 3, 4, 5]
+    reranked, _ = rerank_top_k(scores, 3, lambda q, c: 0.5 * c.float())
+    assert reranked[0].argsort(descending=True).tolist() == [2, 1, 0, 3, 4, 5]
+
+
 def _cfg(*overrides: str):
     return load_config(None, [f"model.name={MICRO_MASKED}", *overrides])
 

@@ -23,9 +23,6 @@ from vlpt.eval.masked import VisualEvalSet, embed_with_visual_tokens
 from vlpt.eval.retrieval import KS
 from vlpt.models import VisionLanguageModel
 
-_ABOVE_ALL = 1e4  # added to a re-scored candidate: above every cosine similarity
-
-
 def itm_scores(
     model: VisionLanguageModel,
     visual_tokens: torch.Tensor,
@@ -48,16 +45,20 @@ def itm_scores(
 def rerank_top_k(
     scores: torch.Tensor, k: int, rescore: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `scores` (Q, C) with their top k replaced by `_ABOVE_ALL + rescore + score`,
-    where `rescore(queries (P,), candidates (P,)) -> (P,)` scores the pairs. As in BLIP, the
-    contrastive score is kept in the sum: it breaks the ITM head's ties, and an untrained
-    head cannot make the ranking worse than a constant shift -> (new scores, top k)."""
+    """Rows of `scores` (Q, C) with their top k re-scored `rescore + score` and lifted above
+    every other candidate, where `rescore(queries (P,), candidates (P,)) -> (P,)` scores the
+    pairs. As in BLIP, the contrastive score is kept in the sum: it breaks the ITM head's ties,
+    and an untrained head cannot make the ranking worse than a constant shift -> (new scores,
+    top k). Computed in fp32 whatever `scores` is: a large offset in bf16 (8-bit mantissa,
+    spacing 64 at 1e4) made every re-scored candidate tie."""
+    scores = scores.float()
     top = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
     queries = torch.arange(len(scores), device=scores.device)[:, None].expand_as(top.indices)
-    new = rescore(queries.reshape(-1), top.indices.reshape(-1)).view_as(top.indices)
-    return scores.scatter(
-        1, top.indices, _ABOVE_ALL + new.to(scores.dtype) + top.values
-    ), top.indices
+    new = rescore(queries.reshape(-1), top.indices.reshape(-1)).view_as(top.indices).float()
+    rescored = new + top.values
+    # Each row's lowest re-scored candidate lands just above the row's best score.
+    lift = scores.max(dim=1, keepdim=True).values - rescored.min(dim=1, keepdim=True).values + 1
+    return scores.scatter(1, top.indices, rescored + lift), top.indices
 
 
 @torch.no_grad()
@@ -78,9 +79,10 @@ def reranked_retrieval_metrics(
     def pairs(captions: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return itm_scores(model, data.visual_tokens, tokens, items, captions, batch_size)
 
+    similarity = data.text.float() @ data.image.float().T  # (M, N), fp32 outside autocast
     with evaluation_mode(model, device, precision):
-        t2i, _ = rerank_top_k(data.text @ data.image.T, k, lambda q, c: pairs(q, c))  # (M, N)
-        i2t, _ = rerank_top_k(data.image @ data.text.T, k, lambda q, c: pairs(c, q))  # (N, M)
+        t2i, _ = rerank_top_k(similarity, k, lambda q, c: pairs(q, c))  # (M, N)
+        i2t, _ = rerank_top_k(similarity.T, k, lambda q, c: pairs(c, q))  # (N, M)
     # Ranks as in `retrieval`: wrong candidates scoring >= the best correct one (ties count).
     t2i_rank = (t2i >= t2i.gather(1, owner[:, None])).sum(1) - 1
     own = owner[None, :] == torch.arange(len(data.image), device=device)[:, None]  # (N, M)

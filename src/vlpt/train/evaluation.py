@@ -30,16 +30,7 @@ def evaluate_run(
         sources = getattr(cfg.data, split)
         if not sources:
             continue
-        emb = embed_eval_set(
-            model,
-            tokenizer,
-            sources,
-            batch_size=cfg.eval.batch_size,
-            max_items=cfg.eval.max_items,
-            device=device,
-            precision=cfg.train.precision,
-            num_frames=cfg.data.num_frames,
-        )
+        emb = embed_eval_set(model, tokenizer, sources, **_eval_options(cfg, device))
         metrics = retrieval_metrics(emb.image, emb.text, emb.text_to_image)
         if emb.reversed_rows is not None:  # clips that know their time-reversed captions
             metrics.update(temporal_metrics(emb))
@@ -105,15 +96,17 @@ def _masked_head_metrics(
 def _caption_metrics(model, tokenizer, cfg: RunConfig, sources, device) -> dict[str, Any]:
     """Greedy captions of the split scored against its references: `caption/{bleu4, cider,
     rouge_l, attr_acc}` (attribute accuracy on the synthetic world's metadata)."""
-    scores = evaluate_captions(
-        model,
-        tokenizer,
-        sources,
-        batch_size=cfg.eval.batch_size,
-        max_items=cfg.eval.max_items,
-        device=device,
-        precision=cfg.train.precision,
-        num_frames=cfg.data.num_frames,
-    )
+    scores = evaluate_captions(model, tokenizer, sources, **_eval_options(cfg, device))
     keys = ("bleu4", "cider", "rouge_l", "attr_acc")
     return {f"caption/{k}": scores[k] for k in keys if scores.get(k) is not None}
+
+
+def _eval_options(cfg: RunConfig, device: Any) -> dict[str, Any]:
+    """The keyword arguments every evaluation pass of a run shares."""
+    return {
+        "batch_size": cfg.eval.batch_size,
+        "max_items": cfg.eval.max_items,
+        "device": device,
+        "precision": cfg.train.precision,
+        "num_frames": cfg.data.num_frames,
+    }
