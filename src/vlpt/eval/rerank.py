@@ -23,6 +23,7 @@ from vlpt.eval.masked import VisualEvalSet, embed_with_visual_tokens
 from vlpt.eval.retrieval import KS
 from vlpt.models import VisionLanguageModel
 
+
 def itm_scores(
     model: VisionLanguageModel,
     visual_tokens: torch.Tensor,
