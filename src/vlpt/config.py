@@ -46,12 +46,14 @@ class Source(_Strict):
             raise ValueError("weight must be > 0")
         return v
 
-    @field_validator("start")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError("start must be >= 0 and < 1")
-        return v
+    _start_fraction = field_validator("start")(classmethod(lambda cls, v: _below_one(v)))
+
+
+def _below_one(v: float) -> float:
+    """A fraction in [0, 1) (a start point, a dropout ratio)."""
+    if not 0 <= v < 1:
+        raise ValueError("must be >= 0 and < 1")
+    return v
 
 
 def _as_sources(v: Any) -> Any:
@@ -153,12 +155,7 @@ class ModelConfig(_Strict):
     frame embeddings), `mean` (order-blind pooling, the baseline), or "" for the architecture's
     own choice (none for image models, which then mean-pool clips)."""
 
-    @field_validator("patch_dropout")
-    @classmethod
-    def _dropout_fraction(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError("must be >= 0 and < 1")
-        return v
+    _dropout_fraction = field_validator("patch_dropout")(classmethod(lambda cls, v: _below_one(v)))
 
     @field_validator("unmasked_tuning")
     @classmethod

@@ -175,12 +175,19 @@ def frames_at(cfg: RunConfig, step: int) -> int:
     return frames
 
 
+def stage_at(cfg: RunConfig, step: int) -> tuple[int, tuple[bool, ...]]:
+    """The curriculum stage `step` is in: frames per clip (`frames_at`) and which training
+    sources have started (`Source.start`). A change of stage ends a data segment (with a
+    checkpoint), so resuming reproduces it."""
+    started = tuple(step >= s.start * cfg.train.max_steps for s in cfg.data.train)
+    return frames_at(cfg, step), started
+
+
 def data_at(cfg: RunConfig, step: int) -> DataConfig:
-    """The data of the curriculum stage `step` is in: the training sources that have started
-    (`Source.start`) and the frames per clip (`frames_at`). A change of stage ends a data
-    segment (with a checkpoint), so resuming reproduces it."""
-    started = [s for s in cfg.data.train if step >= s.start * cfg.train.max_steps]
-    return cfg.data.model_copy(update={"num_frames": frames_at(cfg, step), "train": started})
+    """The data of `step`'s curriculum stage (`stage_at`)."""
+    frames, started = stage_at(cfg, step)
+    train = [source for source, on in zip(cfg.data.train, started, strict=True) if on]
+    return cfg.data.model_copy(update={"num_frames": frames, "train": train})
 
 
 def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
@@ -277,7 +284,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 )
                 clock.exclude(time.monotonic() - paused)  # evaluation time is not training time
                 window.clock.exclude(time.monotonic() - paused)
-            new_stage = data_at(cfg, state.step) != data_at(cfg, state.step - 1)
+            new_stage = stage_at(cfg, state.step) != stage_at(cfg, state.step - 1)
             if done or state.step % cfg.train.ckpt_every == 0 or new_stage:
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
