@@ -23,6 +23,7 @@ QUICK = (
     "loader_speed.py",
     "video_decode.py",
     "generation_speed.py",
+    "generation_speed.py --decoder coca-base",
 )
 
 
@@ -33,8 +34,12 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed = []
     for script in QUICK:
+        name, *options = script.split()
         done = subprocess.run(
-            [sys.executable, str(HERE / script)], cwd=HERE.parent, capture_output=True, text=True
+            [sys.executable, str(HERE / name), *options],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
         )
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:

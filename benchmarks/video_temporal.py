@@ -88,6 +88,14 @@ def memory_profile(metrics: Path) -> dict:
     }
 
 
+def machine() -> str:
+    """CPU and core count, and the GPU the runs trained on, if any."""
+    import torch
+
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{cpu}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=18.0, help="training budget per run")
@@ -102,7 +110,7 @@ def main() -> None:
         "configs": {k: str(CONFIGS[k].relative_to(ROOT)) for k in kinds},
         "minutes": args.minutes,
         "overrides": args.overrides,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
     }
     print(json.dumps(report))
 

@@ -1,6 +1,7 @@
 """Model registry and parity with the open_clip models vlpt wraps."""
 
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -176,3 +177,72 @@ def test_image_model_mean_pools_clips_and_rejects_long_clips():
     long_clip = build_model("tiny", temporal="transformer").eval()
     with pytest.raises(ValueError, match="longer than the temporal module"):
         long_clip.encode_image(torch.randn(1, 33, 3, 64, 64))
+
+
+def test_temporal_shift_mixes_neighbouring_frames_inside_the_tower():
+    torch.manual_seed(0)
+    shifted = build_model("tiny", temporal="transformer", temporal_shift=0.5).eval()
+    plain = build_model("tiny", temporal="transformer").eval()
+    # Hooks, not wrappers: the same parameters under the same names.
+    assert shifted.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(shifted.state_dict())
+    clips = torch.randn(2, 4, 3, 64, 64)
+    still = clips[:, :1].expand(-1, 4, -1, -1, -1)
+    with torch.no_grad():
+        # An image, and a clip in which nothing moves, are what the unshifted tower sees.
+        torch.testing.assert_close(
+            shifted.encode_image(clips[:, 0]), plain.encode_image(clips[:, 0])
+        )
+        torch.testing.assert_close(shifted.encode_image(still), plain.encode_image(still))
+        # With motion the frames' features differ, and the reversal is a pass of its own.
+        frames, _ = shifted._encode_frames(clips, with_tokens=False)
+        plain_frames, _ = plain._encode_frames(clips, with_tokens=False)
+        assert (frames - plain_frames).abs().max() > 1e-3
+        forward, backward = shifted.encode_clip_both_ways(clips)
+        torch.testing.assert_close(forward, shifted.encode_image(clips))
+        torch.testing.assert_close(backward, shifted.encode_image(clips.flip(1)))
+        # Outside a clip pass the hooks are idle: frames encoded one by one are plain images.
+        torch.testing.assert_close(
+            shifted.encode_image(clips[:, 2]), plain.encode_image(clips[:, 2])
+        )
+
+
+def test_shift_frames_takes_channels_from_the_previous_and_next_frame():
+    from vlpt.models.temporal import shift_frames
+
+    x = torch.arange(3.0)[None, :, None, None].expand(1, 3, 1, 6).flatten(0, 1)  # frame t = t
+    out = shift_frames(x, frames=3, fold=2).unflatten(0, (1, 3))[0, :, 0]
+    assert out.tolist() == [
+        [0, 0, 1, 1, 0, 0],  # first frame: no previous one, itself
+        [0, 0, 2, 2, 1, 1],
+        [1, 1, 2, 2, 2, 2],  # last frame: no next one, itself
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "shift", "message"),
+    [("mean", 0.25, "needs kind 'transformer'"), ("transformer", 1.0, r"in \[0, 1\)")],
+)
+def test_bad_temporal_shift_is_one_clear_error(kind, shift, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("tiny", temporal=kind, temporal_shift=shift)
+
+
+def test_temporal_shift_refuses_patch_dropout():
+    with pytest.raises(ValueError, match="mix unrelated patches"):
+        build_model("tiny", temporal="transformer", temporal_shift=0.5, patch_dropout=0.5)
+
+
+def test_temporal_shift_refuses_gradient_checkpointing():
+    model = build_model("tiny", temporal="transformer", temporal_shift=0.5)
+    with pytest.raises(ValueError, match="would not see the clip's frames"):
+        model.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("other", ["model.patch_dropout=0.5", "model.grad_checkpointing=true"])
+def test_config_refuses_temporal_shift_with_dropout_or_checkpointing(other):
+    from vlpt.config import ConfigError, load_config
+
+    config = str(Path(__file__).parents[1] / "configs/pretrain/synthetic-video-tiny.yaml")
+    with pytest.raises(ConfigError, match="temporal_shift cannot be combined"):
+        load_config(config, [other])

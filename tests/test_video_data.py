@@ -507,3 +507,37 @@ def test_video_eval_batches_carry_metadata_for_temporal_evaluation(video_world: 
     meta = batches[0]["meta"][0]
     assert meta["reversed_captions"] and meta["actions"] and len(batches[0]["captions"][0]) == 5
     assert batches[0]["key"][0] == "000000000"
+
+
+def test_reversed_pairs_put_each_clip_and_its_reversal_in_one_batch(video_world: Path) -> None:
+    captions: list[str] = []
+
+    def caption_ids(texts: list[str]) -> torch.Tensor:
+        """Token stand-in that remembers each caption: row = [index of the caption + 1, 0]."""
+        rows = torch.zeros(len(texts), 2, dtype=torch.long)
+        for k, text in enumerate(texts):
+            captions.append(text)
+            rows[k, 0] = len(captions)
+        return rows
+
+    cfg = DataConfig(
+        train=[str(video_world / "train")],
+        workers=0,
+        shuffle_buffer=1,
+        num_frames=4,
+        reversed_pairs=True,
+    )
+    loader = build_train_loader(
+        cfg, tokenizer=caption_ids, image_size=24, mean=MEAN, std=STD, batch_size=6
+    )
+    pairs = {}  # caption -> reversed caption of the same clip, from the shards
+    for sample in read_split(video_world, "train"):
+        meta = json.loads(sample["json"])
+        lines = sample["txt"].decode().splitlines()
+        pairs.update(zip(lines, meta["reversed_captions"]))
+    for batch in itertools.islice(loader, 4):
+        clips, texts = batch["image"], [captions[int(i) - 1] for i in batch["text"][:, 0]]
+        assert clips.shape == (6, 4, 3, 24, 24)
+        for k in range(0, 6, 2):  # item k + 1 is item k played backwards, with its caption
+            torch.testing.assert_close(clips[k + 1], clips[k].flip(0))
+            assert pairs[texts[k]] == texts[k + 1]

@@ -95,6 +95,11 @@ class DataConfig(_Strict):
     """Few frames first: `[[fraction, frames], ...]` (fractions of `train.max_steps`, rising); from
     each fraction on, clips have that many frames, e.g. `[[0, 2], [0.4, 4]]`. Empty: always
     `num_frames`. A stage change starts a new data segment and writes a checkpoint."""
+    reversed_pairs: bool = False
+    """Clips whose json carries `reversed_captions` (the captions of the clip played backwards)
+    enter the batch twice: as they are with a caption, and played backwards with the matching
+    reversed caption. Each is then the other's hardest negative in both directions (text->clip
+    and clip->text), at the cost of one clip; the batch holds batch_size / 2 distinct clips."""
     seed: int = 0
     """Seed for shard order and shuffling."""
 
@@ -154,6 +159,9 @@ class ModelConfig(_Strict):
     """Temporal module for clips: `transformer` (temporal positions + a small Transformer over
     frame embeddings), `mean` (order-blind pooling, the baseline), or "" for the architecture's
     own choice (none for image models, which then mean-pool clips)."""
+    temporal_shift: float | None = None
+    """`transformer` only: fraction of the image tower's channels shifted between neighbouring
+    frames (TSM; 0.25 is TSM's setting), so patches see motion; None = the architecture's own."""
 
     _dropout_fraction = field_validator("patch_dropout")(classmethod(lambda cls, v: _below_one(v)))
 
@@ -163,6 +171,16 @@ class ModelConfig(_Strict):
         if v < 0:
             raise ValueError("must be >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _shift_alone(self) -> ModelConfig:
+        # The shift's hooks know a pass's frames only while it runs: blocks recomputed in the
+        # backward pass would see none; dropped patches differ from frame to frame.
+        if self.temporal_shift:
+            for name in ("patch_dropout", "grad_checkpointing"):
+                if getattr(self, name):
+                    raise ValueError(f"temporal_shift cannot be combined with {name}; use one")
+        return self
 
 
 class LossConfig(_Strict):

@@ -193,6 +193,7 @@ class TrainStream(IterableDataset):
             rng=_rng(key, "crop"),
             skips=skips,
             sources=self.cfg.train,
+            reversed_pairs=self.cfg.reversed_pairs,
         )
         tokens = CaptionTokens(self.tokenizer, CAPTION_CACHE_SIZE)
         collate = partial(_collate_train, tokens=tokens, mean=self.mean, std=self.std, skips=skips)
@@ -249,6 +250,7 @@ def _decode_train(
     rng: random.Random,
     skips: SkipCounter,
     sources: Sequence[Source],
+    reversed_pairs: bool = False,
 ) -> Iterator[tuple[Pixels, str]]:
     decoded = [0] * len(sources)
     failed = [0] * len(sources)
@@ -270,7 +272,26 @@ def _decode_train(
                 )
             continue
         decoded[sample.source] += 1
-        yield pixels, rng.choice(sample.captions)
+        if reversed_pairs and isinstance(sample, VideoSample):
+            yield from _with_reversed_pair(pixels, sample, rng)
+        else:
+            yield pixels, rng.choice(sample.captions)
+
+
+def _with_reversed_pair(
+    clip: Pixels, sample: VideoSample, rng: random.Random
+) -> Iterator[tuple[Pixels, str]]:
+    """The clip with a caption, then (when its json knows the captions of the clip played
+    backwards) the frames in reverse order with the matching reversed caption: consecutive, so
+    with an even batch size the two land in the same batch as each other's hard negative."""
+    reversed_captions = sample.meta().get("reversed_captions")
+    if not isinstance(reversed_captions, list) or not reversed_captions:
+        yield clip, rng.choice(sample.captions)
+        return
+    i = rng.randrange(len(sample.captions))
+    yield clip, sample.captions[i]
+    # Paired by index, as the temporal-order evaluation pairs them (vlpt.eval.embed).
+    yield np.ascontiguousarray(clip[::-1]), str(reversed_captions[i % len(reversed_captions)])
 
 
 T = TypeVar("T")

@@ -7,6 +7,7 @@ Parameter names match open_clip's `CustomTextCLIP` (`visual.*`, `text.*`, `logit
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.fusion import FusionEncoder
 from vlpt.models.mae import MAEDecoder
 from vlpt.models.registry import get_model_config
-from vlpt.models.temporal import TemporalConfig, TemporalModule
+from vlpt.models.temporal import TemporalConfig, TemporalModule, TemporalShift
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,6 +59,11 @@ class VisionLanguageModel(nn.Module):
         self.temporal: TemporalModule | None = None
         if temporal_cfg is not None:
             self.temporal = TemporalModule(embed_dim, TemporalConfig.from_dict(temporal_cfg))
+        # TSM's shift between neighbouring frames inside the image tower (temporal_cfg.shift).
+        self._shift: TemporalShift | None = None
+        if self.temporal is not None and self.temporal.cfg.shift:
+            blocks = list(self.visual.transformer.resblocks)
+            self._shift = TemporalShift(blocks, self.temporal.cfg.shift, int(vcfg.width))
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
         # Only SigLIP reads the bias; it is kept for every model so checkpoints are uniform.
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias))
@@ -138,6 +144,11 @@ class VisionLanguageModel(nn.Module):
         self.visual.patch_dropout = PatchDropout(ratio) if ratio > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable and self._shift is not None:
+            raise ValueError(
+                "gradient checkpointing with a temporal shift: blocks recomputed in the backward "
+                "pass would not see the clip's frames; use one or the other"
+            )
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
@@ -162,10 +173,13 @@ class VisionLanguageModel(nn.Module):
         clips = images if images.ndim == 5 else images.unsqueeze(1)
         shape = clips.shape[:2]
         frames = clips.flatten(0, 1)
+        in_time = self._shift.frames(shape[1]) if self._shift is not None else nullcontext()
         if not with_tokens:
-            return self.visual(frames).unflatten(0, shape), None
+            with in_time:
+                return self.visual(frames).unflatten(0, shape), None
         tower = self.visual
-        tokens = tower.ln_post(tower.transformer(tower._embeds(frames)))  # (B*T, 1 + N, W)
+        with in_time:
+            tokens = tower.ln_post(tower.transformer(tower._embeds(frames)))  # (B*T, 1 + N, W)
         pooled, _ = tower._global_pool(tokens)
         if tower.proj is not None:
             pooled = pooled @ tower.proj  # (B*T, D)
@@ -201,7 +215,12 @@ class VisionLanguageModel(nn.Module):
     def encode_clip_both_ways(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 3, H, W) clips -> normalised embeddings of the clips and of the same clips
         played backwards, (B, D) each, from one pass of the image tower over the frames (only
-        the temporal module runs twice)."""
+        the temporal module runs twice), or, when the tower shifts channels between frames and
+        so sees their order, of one pass over both (2B clips)."""
+        if self._shift is not None and clips.shape[1] > 1:
+            both = self._encode_frames(torch.cat([clips, clips.flip(1)]), with_tokens=False)[0]
+            forward, backward = (self._pool_frames(half) for half in both.chunk(2))
+            return F.normalize(forward, dim=-1), F.normalize(backward, dim=-1)
         frames = self._encode_frames(clips, with_tokens=False)[0]  # (B, T, D)
         forward, backward = self._pool_frames(frames), self._pool_frames(frames.flip(1))
         return F.normalize(forward, dim=-1), F.normalize(backward, dim=-1)
@@ -312,15 +331,24 @@ def build_model(
     patch_dropout: float = 0.0,
     pretrained: str = "",
     temporal: str = "",
+    temporal_shift: float | None = None,
 ) -> VisionLanguageModel:
     """Build a registered architecture with random init, or from an open_clip checkpoint file.
 
     `temporal` ("mean" or "transformer") overrides the kind of the architecture's temporal
-    module, adding one with default settings to an architecture that has none."""
+    module, adding one with default settings to an architecture that has none;
+    `temporal_shift` (a fraction of channels, see `TemporalConfig.shift`) overrides its shift."""
     cfg = get_model_config(name_or_path)
     temporal_cfg = cfg.get("temporal_cfg")
     if temporal:
         temporal_cfg = {**(temporal_cfg or {}), "kind": temporal}
+    if temporal_shift is not None:
+        temporal_cfg = {**(temporal_cfg or {}), "shift": temporal_shift}
+    if patch_dropout and (temporal_cfg or {}).get("shift"):
+        raise ValueError(
+            "patch_dropout with a temporal shift: each frame keeps different patches, so the "
+            "shifted channels would mix unrelated patches; use one or the other"
+        )
     keys = ("init_logit_scale", "init_logit_bias", "fusion_cfg", "mae_cfg", "decoder_cfg")
     extra = {k: cfg[k] for k in keys if k in cfg}
     model = VisionLanguageModel(

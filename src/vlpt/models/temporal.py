@@ -8,10 +8,22 @@ small Transformer over the frames and mean-pools its output plus the residual fr
 
 An image is a one-frame clip: with `transformer` it goes through the same module at time 0, so
 images and videos share one embedding space and train together.
+
+`shift` (a fraction of the channels, `transformer` only) adds the temporal shift of TSM (Lin et
+al. 2019) inside the image tower: in every block the attention branch reads `shift / 2` of the
+channels from the previous frame and as many from the next, at the same token (a "residual
+shift": the block's identity path is untouched). A patch then sees what was at its place a
+frame earlier and later, so motion and its direction are local patterns the tower can learn
+from the first step, where a Transformer over per-frame embeddings must find them in the small
+differences between whole-frame summaries. The shift adds no parameters; at the first and last
+frame the missing neighbour is the frame itself, so a still clip (and an image, a one-frame
+clip) gives exactly the features of the image tower without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -29,6 +41,9 @@ class TemporalConfig:
     layers: int = 2
     heads: int = 4
     max_frames: int = 32
+    shift: float = 0.0
+    """Fraction of channels shifted between neighbouring frames in the image tower (TSM);
+    0 = none. `transformer` only: the mean-pooling baseline stays order-blind."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TemporalConfig:
@@ -39,6 +54,13 @@ class TemporalConfig:
         cfg = cls(**values)
         if cfg.kind not in TEMPORAL_KINDS:
             raise ValueError(f"temporal_cfg kind must be one of {TEMPORAL_KINDS}, got {cfg.kind!r}")
+        if not 0.0 <= cfg.shift < 1.0:
+            raise ValueError(f"temporal_cfg shift must be in [0, 1), got {cfg.shift}")
+        if cfg.shift and cfg.kind != "transformer":
+            raise ValueError(
+                "temporal_cfg shift needs kind 'transformer': mean pooling is the order-blind "
+                "baseline, and a shifted tower would see the order of frames"
+            )
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,3 +95,39 @@ class TemporalModule(nn.Module):
         # The positions steer attention; taken out again, they add no constant offset.
         x = self.transformer(frames + position) - position
         return (x + frames).mean(dim=1)
+
+
+def shift_frames(x: torch.Tensor, frames: int, fold: int) -> torch.Tensor:
+    """(B * T, N, W) tokens of T-frame clips -> the same with channels [0, fold) taken from the
+    previous frame and [fold, 2 * fold) from the next (the frame itself at either end)."""
+    x = x.unflatten(0, (-1, frames))  # (B, T, N, W)
+    past = torch.cat([x[:, :1, :, :fold], x[:, :-1, :, :fold]], dim=1)
+    future = torch.cat([x[:, 1:, :, fold : 2 * fold], x[:, -1:, :, fold : 2 * fold]], dim=1)
+    return torch.cat([past, future, x[..., 2 * fold :]], dim=-1).flatten(0, 1)
+
+
+class TemporalShift:
+    """TSM's residual shift in an open_clip tower, as forward hooks on each block's `ln_1` (the
+    attention branch's input), so the tower's parameters and state-dict names are unchanged.
+
+    The tower sees frames as a batch of images; `frames(T)` tells the hooks how that batch
+    groups into clips for the duration of one pass (outside it, and for T = 1, they do nothing).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], fraction: float, width: int) -> None:
+        self.fold = max(1, int(width * fraction) // 2)
+        self._frames = 1
+        self._handles = [block.ln_1.register_forward_hook(self._hook) for block in blocks]
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if self._frames == 1:
+            return output
+        return shift_frames(output, self._frames, self.fold)
+
+    @contextmanager
+    def frames(self, n_frames: int) -> Iterator[None]:
+        previous, self._frames = self._frames, n_frames
+        try:
+            yield
+        finally:
+            self._frames = previous

@@ -14,4 +14,5 @@ def model_from_config(cfg: ModelConfig, *, pretrained: bool = True) -> VisionLan
         patch_dropout=cfg.patch_dropout,
         pretrained=cfg.pretrained if pretrained else "",
         temporal=cfg.temporal,
+        temporal_shift=cfg.temporal_shift,
     )
