@@ -18,6 +18,16 @@ def test_every_shipped_config_loads(path):
         assert cfg.init == "" and "init=" in path.read_text()
 
 
+def test_a_shipped_init_is_the_run_folder_of_another_shipped_config():
+    # e.g. the video config starts from the image run that `make train` writes.
+    outputs = {load_config(path).output_dir: path.name for path in CONFIGS}
+    for path in CONFIGS:
+        init = load_config(path).init
+        if init:
+            assert init in outputs, f"{path.name}: init {init} is no shipped config's output_dir"
+            assert outputs[init] != path.name
+
+
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         None,
@@ -90,3 +100,9 @@ def test_every_field_is_documented():
 
     undocumented = [name for name, doc in walk(RunConfig) if not doc]
     assert undocumented == []
+
+
+def test_reversed_pairs_need_an_even_batch():
+    with pytest.raises(ConfigError, match="batch_size must be even") as e:
+        load_config(None, ["data.reversed_pairs=true", "train.batch_size=15"])
+    assert "{" not in str(e.value)  # one sentence, not the section's whole value

@@ -239,10 +239,17 @@ def test_temporal_shift_refuses_gradient_checkpointing():
         model.set_grad_checkpointing(True)
 
 
-@pytest.mark.parametrize("other", ["model.patch_dropout=0.5", "model.grad_checkpointing=true"])
-def test_config_refuses_temporal_shift_with_dropout_or_checkpointing(other):
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        ("model.patch_dropout=0.5", "cannot be combined with model.patch_dropout"),
+        ("model.grad_checkpointing=true", "cannot be combined with model.grad_checkpointing"),
+        ("model.temporal=mean", "needs model.temporal=transformer"),
+    ],
+)
+def test_config_refuses_temporal_shift_with_what_it_cannot_work_with(other, message):
     from vlpt.config import ConfigError, load_config
 
     config = str(Path(__file__).parents[1] / "configs/pretrain/synthetic-video-tiny.yaml")
-    with pytest.raises(ConfigError, match="temporal_shift cannot be combined"):
+    with pytest.raises(ConfigError, match=message):
         load_config(config, [other])

@@ -52,10 +52,23 @@ def test_temporal_metrics_on_hand_made_embeddings():
         temporal_metrics(EvalEmbeddings(torch.eye(2), torch.eye(2), torch.tensor([0, 1])))
 
 
-def _video_run(world: Path, clips: Path, out: Path, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def image_run(synth_world, tmp_path_factory) -> Path:
+    """The micro model after a few image steps: what the video config starts from (`init`)."""
+    out = tmp_path_factory.mktemp("image_run")
+    config = str(ROOT / "configs/pretrain/synthetic-tiny.yaml")
+    overrides = run_overrides(synth_world, out, "train.max_steps=2", "eval.max_items=20")
+    assert main(["pretrain", config, *overrides]) == 0
+    return out
+
+
+def _video_run(
+    world: Path, clips: Path, out: Path, *extra: str, init: Path | str = ""
+) -> list[str]:
     return [
         "pretrain",
         CONFIG,
+        f"init={init}",
         *run_overrides(world, out, *extra),
         f"data.train=[{{url: {clips / 'train'}, weight: 0.7}}, {{url: {world / 'train'}, weight: 0.3}}]",
         f"data.val={clips / 'val'}",
@@ -66,13 +79,16 @@ def _video_run(world: Path, clips: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_video_pretrain_and_temporal_eval(synth_world, clip_world, tmp_path, capsys):
+def test_video_pretrain_from_the_image_run_and_temporal_eval(
+    synth_world, clip_world, image_run, tmp_path, capsys
+):
     out = tmp_path / "run"
-    assert (
-        main(_video_run(synth_world, clip_world, out, "train.max_steps=12", "train.ckpt_every=12"))
-        == 0
-    )
-    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = ("train.max_steps=12", "train.ckpt_every=12")
+    assert main(_video_run(synth_world, clip_world, out, *steps, init=image_run)) == 0
+    printed = capsys.readouterr().out
+    # The towers come from the image run; the temporal module is new.
+    assert "freshly initialised: temporal" in printed
+    final = json.loads(printed.strip().splitlines()[-1])
     assert final["step"] == 12
     for split in ("val", "test"):
         assert 0.0 <= final[f"{split}/temporal_text_acc"] <= 1.0
@@ -95,10 +111,18 @@ def test_video_pretrain_and_temporal_eval(synth_world, clip_world, tmp_path, cap
 
 
 def test_mean_pooling_cannot_tell_a_clip_from_its_reversal(
-    synth_world, clip_world, tmp_path, capsys
+    synth_world, clip_world, image_run, tmp_path, capsys
 ):
     out = tmp_path / "run"
-    run = _video_run(synth_world, clip_world, out, "train.max_steps=4", "model.temporal=mean")
+    run = _video_run(
+        synth_world,
+        clip_world,
+        out,
+        "train.max_steps=4",
+        "model.temporal=mean",
+        "model.temporal_shift=0",
+        init=image_run,
+    )
     assert main(run) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["val/temporal_video_acc"] == pytest.approx(0.5, abs=1e-6)  # exact ties

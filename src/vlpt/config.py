@@ -177,9 +177,16 @@ class ModelConfig(_Strict):
         # The shift's hooks know a pass's frames only while it runs: blocks recomputed in the
         # backward pass would see none; dropped patches differ from frame to frame.
         if self.temporal_shift:
+            if self.temporal == "mean":
+                raise ValueError(
+                    "model.temporal_shift needs model.temporal=transformer (mean pooling is the "
+                    "order-blind baseline); set model.temporal_shift=0 with model.temporal=mean"
+                )
             for name in ("patch_dropout", "grad_checkpointing"):
                 if getattr(self, name):
-                    raise ValueError(f"temporal_shift cannot be combined with {name}; use one")
+                    raise ValueError(
+                        f"model.temporal_shift cannot be combined with model.{name}; use one"
+                    )
         return self
 
 
@@ -397,7 +404,12 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _has_data(self) -> RunConfig:
+    def _pairs_fit_in_a_batch(self) -> RunConfig:
+        if self.data.reversed_pairs and self.train.batch_size % 2:
+            raise ValueError(
+                f"data.reversed_pairs puts each clip and its reversal in one batch, so "
+                f"train.batch_size must be even (got {self.train.batch_size})"
+            )
         return self
 
 
@@ -442,8 +454,13 @@ def _explain(err: ValidationError, model: type[BaseModel], origin: str) -> Confi
         close = difflib.get_close_matches(key, _known_keys(model), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return ConfigError(f"{origin}: config key '{key}' does not exist{hint}.")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):
+        # A check across fields of a section: its message names them; the section's whole
+        # value would only bury it.
+        return ConfigError(f"{origin}: {message}.")
     got = first.get("input")
-    return ConfigError(f"{origin}: config key '{key}' = {got!r} is invalid: {first['msg']}.")
+    return ConfigError(f"{origin}: config key '{key}' = {got!r} is invalid: {message}.")
 
 
 def load_config(
