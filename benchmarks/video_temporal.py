@@ -6,7 +6,7 @@ temporal-order accuracy (true vs reversed caption, true vs reversed clip), text-
 zero-shot action accuracy, and resident memory (process + dataloader workers, logged by the
 loop as `memory/rss_mb`) at 5 minutes and at the end, with the slope between them.
 
-    vlpt data synth data/synthetic --video
+    make train && vlpt data synth data/synthetic --video    # both configs start from the image run
     .venv/bin/python benchmarks/video_temporal.py [--minutes 18] [--only transformer|mean]
 
 Prints one JSON line: {"bench": "video_temporal", "transformer": {...}, "mean": {...},
@@ -103,6 +103,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
     kinds = [args.only] if args.only else ["transformer", "mean"]
+    image_run = ROOT / "runs/synthetic-tiny"  # the configs' init
+    if not image_run.exists() and not any(o.startswith("init=") for o in args.overrides):
+        raise SystemExit(
+            f"the video configs start from the image run {image_run}, which does not exist; "
+            "run `make train` first (or pass init= to train from scratch)"
+        )
     report = {"bench": "video_temporal"}
     for kind in kinds:
         report[kind] = run(kind, args.minutes, args.overrides)

@@ -346,7 +346,8 @@ def _resume(
     path = ckpt.find_resume_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         if dist_info.is_main:
-            print(f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting from scratch")
+            start = f"from {cfg.init}" if cfg.init else "from scratch"
+            print(f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting at step 0 {start}")
         return TrainState()
     saved = ckpt.load_checkpoint(path, model, optimizer)
     if dist_info.is_main:
