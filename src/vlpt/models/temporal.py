@@ -117,7 +117,8 @@ class TemporalShift:
     def __init__(self, blocks: Sequence[nn.Module], fraction: float, width: int) -> None:
         self.fold = max(1, int(width * fraction) // 2)
         self._frames = 1
-        self._handles = [block.ln_1.register_forward_hook(self._hook) for block in blocks]
+        norms = [block.get_submodule("ln_1") for block in blocks]  # each block's attention input
+        self._handles = [norm.register_forward_hook(self._hook) for norm in norms]
 
     def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if self._frames == 1:
