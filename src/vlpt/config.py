@@ -99,7 +99,8 @@ class DataConfig(_Strict):
     """Clips whose json carries `reversed_captions` (the captions of the clip played backwards)
     enter the batch twice: as they are with a caption, and played backwards with the matching
     reversed caption. Each is then the other's hardest negative in both directions (text->clip
-    and clip->text), at the cost of one clip; the batch holds batch_size / 2 distinct clips."""
+    and clip->text), at the cost of one clip; the batch holds batch_size / 2 distinct clips.
+    Clips without reversed captions enter once, and a pair after one can straddle two batches."""
     seed: int = 0
     """Seed for shard order and shuffling."""
 
