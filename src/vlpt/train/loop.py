@@ -347,7 +347,9 @@ def _resume(
     if path is None:
         if dist_info.is_main:
             start = f"from {cfg.init}" if cfg.init else "from scratch"
-            print(f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting at step 0 {start}")
+            print(
+                f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting at step 0 {start}"
+            )
         return TrainState()
     saved = ckpt.load_checkpoint(path, model, optimizer)
     if dist_info.is_main:
