@@ -518,6 +518,8 @@ def race_to_target(
         *common,
         f"data.val={VAL}",
         f"train.max_minutes={args.minutes}",
+        # the same schedule as open_clip's side, not one fitted to this machine's speed
+        "train.fit_to_time=false",
         f"train.eval_every={args.eval_every}",
         # a metrics line (with `minutes`) at every evaluation step
         f"train.log_every={math.gcd(10, args.eval_every)}",

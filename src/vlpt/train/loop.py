@@ -26,6 +26,7 @@ from vlpt.data import build_train_loader
 from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
 from vlpt.train import checkpoint as ckpt
+from vlpt.train.budget import StepBudget, planned_steps, with_max_steps
 from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
@@ -43,6 +44,10 @@ class TrainState:
     samples: int = 0
     train_seconds: float = 0.0
     skips: Counter = field(default_factory=Counter)
+    max_steps: int = 0
+    """The run's length: `train.max_steps`, or fewer when fitted to `train.max_minutes`."""
+    configured_max_steps: int = 0
+    """`train.max_steps` as configured (a resumed run keeps the fitted length only if equal)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +55,8 @@ class TrainState:
             "samples": self.samples,
             "train_seconds": self.train_seconds,
             "skips": dict(self.skips),
+            "max_steps": self.max_steps,
+            "configured_max_steps": self.configured_max_steps,
         }
 
 
@@ -239,9 +246,11 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     ckpt_root = out / "checkpoints"
     model, tokenizer, trainer, optimizer = _build(cfg, dist_info)
     state = _resume(cfg, ckpt_root, model, optimizer, dist_info)
+    cfg = with_max_steps(cfg, state.max_steps)  # a resumed run keeps its fitted length
     train_model = wrap_model(trainer, cfg, dist_info)
     patch_dropout = cfg.model.patch_dropout
     schedule = lr_schedule(cfg.train)
+    budget = StepBudget(cfg, state.step)
     logger = _make_logger(cfg, out, dist_info)
     show_bar = cfg.train.progress and dist_info.is_main
     bar = tqdm(
@@ -252,6 +261,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     done = state.step >= cfg.train.max_steps
     while not done:
         batches = iter(_segment_loader(cfg, model, tokenizer, dist_info, state.step))
+        segment_stage = stage_at(cfg, state.step)
         while True:
             micro = [next(batches) for _ in range(cfg.train.accum_steps)]
             set_lr(optimizer, schedule[state.step])
@@ -266,6 +276,21 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 state.skips.update(b.get("skips", {}))
             window.add(metrics, n_samples)
             bar.update(1)
+
+            at_checkpoint = state.step % cfg.train.ckpt_every == 0
+            if budget.observe(state.step, clock.seconds()) or (
+                at_checkpoint and budget.due_at_checkpoint()
+            ):
+                fitted = _agree(
+                    budget.fit(state.step, clock.seconds(), cfg.train.max_steps), dist_info
+                )
+                if fitted < cfg.train.max_steps:
+                    _announce_fit(cfg, state.step, budget.seconds_per_step, fitted, dist_info, logger)
+                    cfg = with_max_steps(cfg, fitted)
+                    state.max_steps = fitted
+                    schedule = lr_schedule(cfg.train)
+                    bar.total = fitted
+                    bar.refresh()
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 record = window.summary()
@@ -284,8 +309,9 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 )
                 clock.exclude(time.monotonic() - paused)  # evaluation time is not training time
                 window.clock.exclude(time.monotonic() - paused)
-            new_stage = stage_at(cfg, state.step) != stage_at(cfg, state.step - 1)
-            if done or state.step % cfg.train.ckpt_every == 0 or new_stage:
+            # The next step's curriculum stage (frames, sources) differs from this segment's.
+            new_stage = stage_at(cfg, state.step) != segment_stage
+            if done or at_checkpoint or new_stage:
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
                 break  # a new data segment starts here (see _segment_seed)
@@ -341,8 +367,9 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     dist_info: DistInfo,
 ) -> TrainState:
+    fresh = TrainState(max_steps=cfg.train.max_steps, configured_max_steps=cfg.train.max_steps)
     if not cfg.resume:
-        return TrainState()
+        return fresh
     path = ckpt.find_resume_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         if dist_info.is_main:
@@ -350,13 +377,40 @@ def _resume(
             print(
                 f"vlpt: resume=auto found no checkpoint in {ckpt_root}; starting at step 0 {start}"
             )
-        return TrainState()
+        return fresh
     saved = ckpt.load_checkpoint(path, model, optimizer)
+    max_steps = planned_steps(cfg, saved)
     if dist_info.is_main:
-        print(f"vlpt: resumed from {path} (step {saved['step']})")
+        fitted = (
+            f", {max_steps} steps fitted to the time limit" if max_steps < fresh.max_steps else ""
+        )
+        print(f"vlpt: resumed from {path} (step {saved['step']}{fitted})")
     return TrainState(
-        saved["step"], saved["samples"], saved["train_seconds"], Counter(saved.get("skips", {}))
+        saved["step"],
+        saved["samples"],
+        saved["train_seconds"],
+        Counter(saved.get("skips", {})),
+        max_steps=max_steps,
+        configured_max_steps=cfg.train.max_steps,
     )
+
+
+def _agree(steps: int, dist_info: DistInfo) -> int:
+    """Rank 0's fitted step count on every rank (their clocks differ a little)."""
+    if not dist_info.distributed:
+        return steps
+    mine = float(steps) if dist_info.is_main else 0.0
+    return int(all_reduce_sum({"steps": mine}, dist_info.device)["steps"])
+
+
+def _announce_fit(cfg, step: int, per_step: float, fitted: int, dist_info, logger) -> None:
+    if not dist_info.is_main:
+        return
+    tqdm.write(
+        f"vlpt: {per_step:.2f} s/step at step {step}: {fitted} of {cfg.train.max_steps} steps fit in "
+        f"train.max_minutes={cfg.train.max_minutes:g}; the schedule now ends at step {fitted}"
+    )
+    logger.log(step, {"max_steps": fitted})
 
 
 def _save(

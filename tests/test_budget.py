@@ -1,0 +1,118 @@
+"""Fitting the run to `train.max_minutes`: the step arithmetic, and a run on a slowed-down loop."""
+
+import json
+
+import pytest
+from conftest import ROOT, run_overrides
+
+from vlpt.cli import main
+from vlpt.config import load_config
+from vlpt.train import loop
+from vlpt.train.budget import CALIBRATION_STEPS, WARM_STEPS, StepBudget, planned_steps
+
+CONFIG = str(ROOT / "configs/pretrain/synthetic-tiny.yaml")
+
+
+def _cfg(*overrides: str):
+    return load_config(CONFIG, ["resume=", *overrides])
+
+
+def _first_fit_step(budget: StepBudget, seconds_per_step: float, start: int = 0) -> int:
+    step = start
+    while True:
+        step += 1
+        if budget.observe(step, (step - start) * seconds_per_step):
+            return step
+        assert step < start + 1000, "the first fit never became due"
+
+
+def test_first_fit_after_the_calibration_window_at_the_measured_speed():
+    budget = StepBudget(_cfg("train.max_steps=1000", "train.max_minutes=1"), start_step=0)
+    step = _first_fit_step(budget, 2.0)
+    assert step == WARM_STEPS + CALIBRATION_STEPS
+    # 2 s/step, 50 s used of 60: 95% of the 10 s left holds 4 more steps.
+    assert budget.fit(step, step * 2.0, 1000) == step + 4
+    assert budget.seconds_per_step == pytest.approx(2.0)
+
+
+def test_never_raises_max_steps_and_later_fits_use_the_latest_speed():
+    budget = StepBudget(_cfg("train.max_steps=100", "train.max_minutes=10"), start_step=0)
+    step = _first_fit_step(budget, 1.0)
+    assert budget.fit(step, float(step), 100) == 100  # 600 s hold far more than 100 steps
+    assert budget.due_at_checkpoint()
+    # The machine slows to 10 s/step: at step 50 (25 + 25 x 10 s = 275 s), 325 s are left.
+    assert budget.fit(50, 275.0, 100) == 50 + int(0.95 * 325 / 10)
+
+
+def test_resumed_run_measures_from_its_own_first_steps():
+    budget = StepBudget(_cfg("train.max_steps=1000", "train.max_minutes=60"), start_step=200)
+    assert _first_fit_step(budget, 3.0, start=200) == 200 + WARM_STEPS + CALIBRATION_STEPS
+
+
+@pytest.mark.parametrize("overrides", [["train.max_minutes=0"], ["train.fit_to_time=false"]])
+def test_off_without_a_time_limit_or_when_switched_off(overrides):
+    budget = StepBudget(_cfg("train.max_minutes=5", *overrides), start_step=0)
+    assert not any(budget.observe(s, s * 100.0) for s in range(1, 200))
+    assert not budget.due_at_checkpoint()
+
+
+def test_resume_keeps_the_fitted_length_unless_max_steps_was_changed():
+    saved = {"max_steps": 240, "configured_max_steps": 560}
+    assert planned_steps(_cfg("train.max_steps=560"), saved) == 240
+    assert planned_steps(_cfg("train.max_steps=800"), saved) == 800
+    assert planned_steps(_cfg("train.max_steps=560"), {}) == 560  # an older checkpoint
+
+
+def test_slow_run_fits_its_schedule_and_curriculum_to_the_time_limit(
+    synth_world, tmp_path, capsys, monkeypatch
+):
+    real_step = loop.train_step
+
+    def slow_step(*args, **kwargs):
+        loop.time.sleep(0.1)  # every step takes >= 0.1 s: 400 steps need >= 40 s
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", slow_step)
+    out = tmp_path / "run"
+    world = synth_world / "train"
+    args = [
+        "pretrain",
+        CONFIG,
+        *run_overrides(
+            synth_world,
+            out,
+            "train.max_steps=400",
+            "train.max_minutes=0.25",
+            "train.ckpt_every=1000",
+            "train.keep_checkpoints=10",
+            "train.log_every=1",
+            "train.lr=1e-3",
+            "train.warmup_steps=2",
+            "eval.max_items=20",
+            "data.test=[]",
+            # A second source that joins half-way: its start must move with the fitted length.
+            f"data.train=[{{url: {world}}}, {{url: {world}, start: 0.5}}]",
+        ),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "steps fit in train.max_minutes=0.25" in printed
+    final = json.loads(printed.strip().splitlines()[-1])
+    fitted = final["step"]
+    assert WARM_STEPS + CALIBRATION_STEPS < fitted < 400
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["max_steps"] for m in metrics if "max_steps" in m][-1] == fitted
+    lrs = [m["lr"] for m in metrics if "lr" in m]
+    assert lrs[-1] < 0.02 * max(lrs)  # the cosine ran to its end, not stopped mid-way
+    # The half-way source started at the fitted half (a data segment with its checkpoint),
+    # and the last checkpoint remembers the fitted length.
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{(fitted + 1) // 2:08d}", f"step_{fitted:08d}"]
+    state = json.loads((out / f"checkpoints/step_{fitted:08d}/state.json").read_text())
+    assert (state["max_steps"], state["configured_max_steps"]) == (fitted, 400)
+
+    # Resuming the finished run keeps the fitted length: nothing left to train.
+    assert main([*args, "resume=auto"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{fitted} steps fitted to the time limit" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["step"] == fitted
