@@ -102,6 +102,16 @@ def test_video_pretrain_from_the_image_run_and_temporal_eval(
     temporal = json.loads(capsys.readouterr().out)
     assert {"temporal_text_acc", "temporal_video_acc", "n_items"} <= set(temporal)
     assert temporal["n_items"] == 30
+    # The breakdown by action covers every pair, and its weighted mean is the overall accuracy.
+    groups = temporal["by_action"].values()
+    assert sum(g["n_pairs"] for g in groups) == temporal["n_pairs"]
+    for key in ("text", "video"):
+        mean = sum(g[f"{key}_acc"] * g["n_pairs"] for g in groups) / temporal["n_pairs"]
+        assert abs(mean - temporal[f"temporal_{key}_acc"]) < 1e-3
+    assert "two events" in temporal["by_action"] and len(temporal["by_action"]) > 2
+    assert main(["eval", "temporal", *args[:-1]]) == 0  # the table for people
+    table = capsys.readouterr().out
+    assert "by_action" in table and "two events" in table and "video_acc" in table
     # Retrieval works on clip shards with the image keys.
     assert main(["eval", "retrieval", *args]) == 0
     retrieval = json.loads(capsys.readouterr().out)

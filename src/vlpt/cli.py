@@ -235,9 +235,20 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):  # a breakdown: one line per entry
+            print(f"{key:>16}")
+            for name, entry in value.items():
+                fields = entry.items() if isinstance(entry, dict) else [("", entry)]
+                shown = "  ".join(f"{k} {_fmt(v)}" for k, v in fields)
+                print(f"{name:>24}  {shown}")
+        else:
+            print(f"{key:>16}  {_fmt(value)}")
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -9,6 +9,9 @@ the clip played backwards, e.g. "moves right" for "moves left"):
                          caption; the reversed clip is the sampled frames in reverse order
 
 A tie (an order-blind model gives one exactly) counts one half, so chance is 0.5 for both.
+`vlpt eval temporal` also breaks both down by the clip's action (`by_action`: the action of a
+one-event clip as its `.json` `actions` names it, "two events" for the rest), which shows the
+kinds of motion a model has not learned to tell from their reversal.
 """
 
 from __future__ import annotations
@@ -35,6 +38,40 @@ def order_accuracy(right: torch.Tensor, wrong: torch.Tensor) -> float:
 def temporal_metrics(emb: EvalEmbeddings) -> dict[str, float | int]:
     """`temporal_text_acc`, `temporal_video_acc`, `temporal_n_items` (clips with reversed
     captions) and `temporal_n_pairs` from an embedding pass over clips (`embed_eval_set`)."""
+    items, right, wrong_text, wrong_video = _order_scores(emb)
+    return {
+        "temporal_text_acc": order_accuracy(right, wrong_text),
+        "temporal_video_acc": order_accuracy(right, wrong_video),
+        "temporal_n_items": len(emb.reversed_rows) if emb.reversed_rows is not None else 0,
+        "temporal_n_pairs": len(items),
+    }
+
+
+def temporal_by_action(emb: EvalEmbeddings) -> dict[str, dict[str, float | int]]:
+    """Action -> {`text_acc`, `video_acc`, `n_pairs`}, over the clips of that action (one-event
+    clips by their `.json` `actions`; "two events" for clips with two)."""
+    items, right, wrong_text, wrong_video = _order_scores(emb)
+    groups: dict[str, list[int]] = {}
+    for pair, item in enumerate(items.tolist()):
+        actions = emb.meta[item].get("actions", []) if item < len(emb.meta) else []
+        name = actions[0] if len(actions) == 1 else ("two events" if actions else "unknown")
+        groups.setdefault(name, []).append(pair)
+    result: dict[str, dict[str, float | int]] = {}
+    for name in sorted(groups):
+        index = torch.tensor(groups[name], device=right.device)
+        result[name] = {
+            "text_acc": round(order_accuracy(right[index], wrong_text[index]), 4),
+            "video_acc": round(order_accuracy(right[index], wrong_video[index]), 4),
+            "n_pairs": len(index),
+        }
+    return result
+
+
+def _order_scores(
+    emb: EvalEmbeddings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per caption that has a reversed pair: its clip (m,), score(clip, caption), score(clip,
+    reversed caption), score(reversed clip, caption)."""
     if emb.reversed_rows is None or emb.image_reversed is None or emb.text_reversed is None:
         raise ValueError(
             "no evaluation item is a clip whose json carries 'reversed_captions'; temporal order "
@@ -50,12 +87,7 @@ def temporal_metrics(emb: EvalEmbeddings) -> dict[str, float | int]:
     slot = torch.full((len(emb.image),), -1, dtype=torch.long, device=items.device)
     slot[emb.reversed_rows] = torch.arange(len(emb.reversed_rows), device=items.device)
     wrong_video = (emb.image_reversed[slot[items]] * text).sum(-1)  # score(reversed clip, caption)
-    return {
-        "temporal_text_acc": order_accuracy(right, wrong_text),
-        "temporal_video_acc": order_accuracy(right, wrong_video),
-        "temporal_n_items": len(emb.reversed_rows),
-        "temporal_n_pairs": len(caption_rows),
-    }
+    return items, right, wrong_text, wrong_video
 
 
 def evaluate_temporal(
@@ -69,7 +101,8 @@ def evaluate_temporal(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
 ) -> dict[str, float | int]:
-    """`temporal_text_acc`, `temporal_video_acc`, `n_items` on the clips of `sources`."""
+    """`temporal_text_acc`, `temporal_video_acc`, `n_items`, `n_pairs` and `by_action`
+    (`temporal_by_action`) on the clips of `sources`."""
     emb = embed_eval_set(
         model,
         tokenizer,
@@ -86,4 +119,5 @@ def evaluate_temporal(
         "temporal_video_acc": metrics["temporal_video_acc"],
         "n_items": metrics["temporal_n_items"],
         "n_pairs": metrics["temporal_n_pairs"],
+        "by_action": temporal_by_action(emb),
     }

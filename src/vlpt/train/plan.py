@@ -64,6 +64,13 @@ def print_plan(cfg: RunConfig, world_size: int = 0) -> None:
         f"schedule   {plan['steps']} steps x global batch {plan['global_batch']} "
         f"({plan['world_size']} rank(s)) = {plan['samples']:,} samples, ~{plan['total_pflops']} PFLOP"
     )
+    if cfg.train.max_minutes > 0:
+        fit = (
+            "max_steps lowered to what fits, measured after the first 25 steps and at checkpoints"
+            if cfg.train.fit_to_time
+            else "stops the run; the schedule stays built for max_steps (fit_to_time=false)"
+        )
+        print(f"time       {cfg.train.max_minutes:g} minutes of training: {fit}")
     for s in plan["sources"]:
         print(
             f"source     {s['split']:5} weight {s['weight']:<5g} {s['n_shards']} shard(s), first shard "
