@@ -16,6 +16,8 @@ kinds of motion a model has not learned to tell from their reversal.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vlpt.config import Source
@@ -100,7 +102,7 @@ def evaluate_temporal(
     max_items: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-) -> dict[str, float | int]:
+) -> dict[str, Any]:
     """`temporal_text_acc`, `temporal_video_acc`, `n_items`, `n_pairs` and `by_action`
     (`temporal_by_action`) on the clips of `sources`."""
     emb = embed_eval_set(

@@ -285,7 +285,9 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                     budget.fit(state.step, clock.seconds(), cfg.train.max_steps), dist_info
                 )
                 if fitted < cfg.train.max_steps:
-                    _announce_fit(cfg, state.step, budget.seconds_per_step, fitted, dist_info, logger)
+                    _announce_fit(
+                        cfg, state.step, budget.seconds_per_step, fitted, dist_info, logger
+                    )
                     cfg = with_max_steps(cfg, fitted)
                     state.max_steps = fitted
                     schedule = lr_schedule(cfg.train)
