@@ -136,12 +136,15 @@ def _out_of_time(clock: Clock, cfg: RunConfig, dist_info: DistInfo) -> bool:
     """All ranks agree on stopping (rank 0's clock decides), so DDP never waits forever."""
     if cfg.train.max_minutes <= 0:
         return False
-    over = float(clock.seconds() >= 60 * cfg.train.max_minutes)
-    if dist_info.distributed:
-        over = all_reduce_sum({"over": over if dist_info.is_main else 0.0}, dist_info.device)[
-            "over"
-        ]
-    return over > 0
+    return _from_rank0(float(clock.seconds() >= 60 * cfg.train.max_minutes), dist_info) > 0
+
+
+def _from_rank0(value: float, dist_info: DistInfo) -> float:
+    """Rank 0's value on every rank: decisions from the clock (whose readings differ a little
+    between ranks) must be the same everywhere, or DDP waits forever."""
+    if not dist_info.distributed:
+        return value
+    return all_reduce_sum({"v": value if dist_info.is_main else 0.0}, dist_info.device)["v"]
 
 
 def _segment_seed(cfg: RunConfig, step: int, rank: int) -> int:
@@ -278,21 +281,11 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             bar.update(1)
 
             at_checkpoint = state.step % cfg.train.ckpt_every == 0
-            if budget.observe(state.step, clock.seconds()) or (
-                at_checkpoint and budget.due_at_checkpoint()
-            ):
-                fitted = _agree(
-                    budget.fit(state.step, clock.seconds(), cfg.train.max_steps), dist_info
-                )
-                if fitted < cfg.train.max_steps:
-                    _announce_fit(
-                        cfg, state.step, budget.seconds_per_step, fitted, dist_info, logger
-                    )
-                    cfg = with_max_steps(cfg, fitted)
-                    state.max_steps = fitted
-                    schedule = lr_schedule(cfg.train)
-                    bar.total = fitted
-                    bar.refresh()
+            fitted = _fit_to_time(cfg, budget, state, clock, at_checkpoint, dist_info, logger)
+            if fitted is not None:
+                cfg, schedule = fitted, lr_schedule(fitted.train)
+                bar.total = cfg.train.max_steps
+                bar.refresh()
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 record = window.summary()
@@ -397,22 +390,32 @@ def _resume(
     )
 
 
-def _agree(steps: int, dist_info: DistInfo) -> int:
-    """Rank 0's fitted step count on every rank (their clocks differ a little)."""
-    if not dist_info.distributed:
-        return steps
-    mine = float(steps) if dist_info.is_main else 0.0
-    return int(all_reduce_sum({"steps": mine}, dist_info.device)["steps"])
-
-
-def _announce_fit(cfg, step: int, per_step: float, fitted: int, dist_info, logger) -> None:
-    if not dist_info.is_main:
-        return
-    tqdm.write(
-        f"vlpt: {per_step:.2f} s/step at step {step}: {fitted} of {cfg.train.max_steps} steps fit in "
-        f"train.max_minutes={cfg.train.max_minutes:g}; the schedule now ends at step {fitted}"
-    )
-    logger.log(step, {"max_steps": fitted})
+def _fit_to_time(
+    cfg: RunConfig,
+    budget: StepBudget,
+    state: TrainState,
+    clock: Clock,
+    at_checkpoint: bool,
+    dist_info: DistInfo,
+    logger: MetricsLogger | NullLogger,
+) -> RunConfig | None:
+    """The run with `max_steps` fitted to the time left (`StepBudget`), when a fit is due after
+    this step and it lowers the count; None otherwise. Records the new length in `state`."""
+    seconds = clock.seconds()
+    if not (budget.observe(state.step, seconds) or (at_checkpoint and budget.due_at_checkpoint())):
+        return None
+    fitted = int(_from_rank0(budget.fit(state.step, seconds, cfg.train.max_steps), dist_info))
+    if fitted >= cfg.train.max_steps:
+        return None
+    if dist_info.is_main:
+        tqdm.write(
+            f"vlpt: {budget.seconds_per_step:.2f} s/step at step {state.step}: {fitted} of "
+            f"{cfg.train.max_steps} steps fit in train.max_minutes={cfg.train.max_minutes:g}; "
+            f"the schedule now ends at step {fitted}"
+        )
+    logger.log(state.step, {"max_steps": fitted})
+    state.max_steps = fitted
+    return with_max_steps(cfg, fitted)
 
 
 def _save(
