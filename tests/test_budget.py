@@ -35,13 +35,65 @@ def test_first_fit_after_the_calibration_window_at_the_measured_speed():
     assert budget.seconds_per_step == pytest.approx(2.0)
 
 
-def test_never_raises_max_steps_and_later_fits_use_the_latest_speed():
+def test_fits_stay_under_the_cap_and_later_fits_use_the_latest_speed():
     budget = StepBudget(_cfg("train.max_steps=100", "train.max_minutes=10"), start_step=0)
     step = _first_fit_step(budget, 1.0)
     assert budget.fit(step, float(step), 100) == 100  # 600 s hold far more than 100 steps
     assert budget.due_at_checkpoint()
     # The machine slows to 10 s/step: at step 50 (25 + 25 x 10 s = 275 s), 325 s are left.
     assert budget.fit(50, 275.0, 100) == 50 + int(0.95 * 325 / 10)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        return self.now
+
+
+def _fit_after(cfg, budget, state, clock, step, at_checkpoint=False):
+    state.step = step
+    return loop._fit_to_time(
+        cfg, budget, state, clock, at_checkpoint, loop.DistInfo(), loop.NullLogger()
+    )
+
+
+def test_a_later_fit_raises_the_count_again_up_to_the_configured_one():
+    cfg = _cfg("train.max_steps=1000", "train.max_minutes=10", "train.ckpt_every=100")
+    budget, clock = StepBudget(cfg, start_step=0), _FakeClock()
+    state = loop.TrainState(max_steps=1000, configured_max_steps=1000)
+    for step in range(1, WARM_STEPS + CALIBRATION_STEPS):  # slow first steps: 2 s each
+        clock.now = 2.0 * step
+        assert _fit_after(cfg, budget, state, clock, step) is None
+    clock.now = 2.0 * (WARM_STEPS + CALIBRATION_STEPS)
+    cfg = _fit_after(cfg, budget, state, clock, WARM_STEPS + CALIBRATION_STEPS)
+    assert cfg is not None and cfg.train.max_steps == state.max_steps < 300
+    # Then 0.5 s/step: the checkpoint at step 100 raises the count, at most to 1000.
+    clock.now += 0.5 * (100 - WARM_STEPS - CALIBRATION_STEPS)
+    raised = _fit_after(cfg, budget, state, clock, 100, at_checkpoint=True)
+    assert raised is not None and cfg.train.max_steps < raised.train.max_steps <= 1000
+    assert state.max_steps == raised.train.max_steps
+    # Not between checkpoints, and not when the count would not change.
+    assert _fit_after(raised, budget, state, clock, 101) is None
+
+
+def test_a_raise_never_sends_the_run_back_to_an_earlier_curriculum_stage():
+    world = "data/synthetic/train"
+    cfg = _cfg(
+        "train.max_steps=1000",
+        "train.max_minutes=10",
+        f"data.train=[{{url: {world}}}, {{url: {world}, start: 0.5}}]",
+    )
+    budget, clock = StepBudget(cfg, start_step=0), _FakeClock()
+    state = loop.TrainState(max_steps=200, configured_max_steps=1000)
+    cfg = loop.with_max_steps(cfg, 200)  # fitted earlier; the second source joined at step 100
+    for step in range(1, WARM_STEPS + CALIBRATION_STEPS + 1):
+        budget.observe(step, 0.0)
+    budget.fitted = True
+    clock.now = 1.0  # machine far faster than planned: 1000 steps would fit
+    assert _fit_after(cfg, budget, state, clock, 150, at_checkpoint=True) is None
+    assert state.max_steps == 200
 
 
 def test_resumed_run_measures_from_its_own_first_steps():
@@ -82,7 +134,7 @@ def test_slow_run_fits_its_schedule_and_curriculum_to_the_time_limit(
             synth_world,
             out,
             "train.max_steps=400",
-            "train.max_minutes=0.25",
+            "train.max_minutes=0.4",  # 24 s: 5% of it covers the segment restart
             "train.ckpt_every=1000",
             "train.keep_checkpoints=10",
             "train.log_every=1",
@@ -96,7 +148,7 @@ def test_slow_run_fits_its_schedule_and_curriculum_to_the_time_limit(
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "steps fit in train.max_minutes=0.25" in printed
+    assert "steps fit in train.max_minutes=0.4" in printed
     final = json.loads(printed.strip().splitlines()[-1])
     fitted = final["step"]
     assert WARM_STEPS + CALIBRATION_STEPS < fitted < 400

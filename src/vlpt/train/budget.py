@@ -4,11 +4,12 @@ A config sized for one machine meets another that is slower: without this, the t
 the run mid-schedule, at a high learning rate, before a curriculum's late stages or the unmasked
 tuning phase (the default image run on a machine at 40% speed: val R@1 0.42 instead of 0.79).
 Instead the loop measures the seconds per step over the first steps, and at that point and at
-every later checkpoint lowers `train.max_steps` to the steps that fit in the minutes left, so
+every later checkpoint sets `train.max_steps` to the steps that fit in the minutes left, so
 the warmup + cosine schedule and every option given as a fraction of the run (frames curriculum,
-`Source.start`, unmasked tuning) still run to their end. `max_steps` is never raised: on a faster
-machine the run simply ends sooner. The chosen count goes into the checkpoint, and a resumed
-run keeps it.
+`Source.start`, unmasked tuning) still run to their end. A later fit may raise the count again
+when the first steps were slower than the rest (loader start-up, a busy machine), but never
+above the configured `train.max_steps`: on a faster machine the run simply ends sooner. The
+chosen count goes into the checkpoint, and a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class StepBudget:
     """Decides how many steps fit in `train.max_minutes`, from the step times it is shown.
 
     `observe(step, seconds)` after every step says whether the first fit is due; `fit(step,
-    seconds, max_steps)` returns the steps that fit (never more than `max_steps`) and starts a new
+    seconds, cap)` returns the steps that fit (never more than `cap`) and starts a new
     measurement window, so a later fit (at a checkpoint) uses the speed since the last one."""
 
     def __init__(self, cfg: RunConfig, start_step: int) -> None:
@@ -59,13 +60,14 @@ class StepBudget:
         """Later fits happen at checkpoints, once the first one has been made."""
         return self.enabled and self.fitted
 
-    def fit(self, step: int, seconds: float, max_steps: int) -> int:
-        """Steps (in all, from step 0) that end within the limit at the measured speed."""
+    def fit(self, step: int, seconds: float, cap: int) -> int:
+        """Steps (in all, from step 0, at most `cap`) that end within the limit at the speed
+        measured since the last fit."""
         assert self.mark is not None and step > self.mark[0], "fit() before any step was measured"
         per_step = max((seconds - self.mark[1]) / (step - self.mark[0]), 1e-9)
         self.mark, self.fitted, self.seconds_per_step = (step, seconds), True, per_step
         left = max(self.limit_seconds - seconds, 0.0)
-        return min(max_steps, step + max(1, int(MARGIN * left / per_step)))
+        return min(cap, step + max(1, int(MARGIN * left / per_step)))
 
 
 def planned_steps(cfg: RunConfig, saved: dict[str, Any]) -> int:

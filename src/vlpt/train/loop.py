@@ -400,22 +400,34 @@ def _fit_to_time(
     logger: MetricsLogger | NullLogger,
 ) -> RunConfig | None:
     """The run with `max_steps` fitted to the time left (`StepBudget`), when a fit is due after
-    this step and it lowers the count; None otherwise. Records the new length in `state`."""
+    this step and changes the count; None otherwise. Records the new length in `state`.
+
+    A fit may lower the count, or raise it again up to the configured `train.max_steps` when
+    the machine turned out faster than first measured (the learning rate then steps up a
+    little: the cosine's progress fraction goes down). A raise that would send this step back
+    to an earlier curriculum stage or out of the unmasked tuning phase is not made."""
     seconds = clock.seconds()
     if not (budget.observe(state.step, seconds) or (at_checkpoint and budget.due_at_checkpoint())):
         return None
-    fitted = int(_from_rank0(budget.fit(state.step, seconds, cfg.train.max_steps), dist_info))
-    if fitted >= cfg.train.max_steps:
+    cap = state.configured_max_steps or cfg.train.max_steps
+    fitted = int(_from_rank0(budget.fit(state.step, seconds, cap), dist_info))
+    if fitted == cfg.train.max_steps:
+        return None
+    refitted = with_max_steps(cfg, fitted)
+    if fitted > cfg.train.max_steps and (
+        stage_at(refitted, state.step) != stage_at(cfg, state.step)
+        or _patch_dropout_at(refitted, state.step) != _patch_dropout_at(cfg, state.step)
+    ):
         return None
     if dist_info.is_main:
         tqdm.write(
             f"vlpt: {budget.seconds_per_step:.2f} s/step at step {state.step}: {fitted} of "
-            f"{cfg.train.max_steps} steps fit in train.max_minutes={cfg.train.max_minutes:g}; "
+            f"{cap} steps fit in train.max_minutes={cfg.train.max_minutes:g}; "
             f"the schedule now ends at step {fitted}"
         )
     logger.log(state.step, {"max_steps": fitted})
     state.max_steps = fitted
-    return with_max_steps(cfg, fitted)
+    return refitted
 
 
 def _save(
