@@ -7,6 +7,7 @@ import torch
 from conftest import MICRO_MODEL, ROOT
 
 from vlpt.config import ConfigError, load_config
+from vlpt.eval.masked import _all_attributes_masked, _one_attribute_masked
 from vlpt.eval.rerank import rerank_top_k
 from vlpt.models import build_model
 from vlpt.models.mae import mae_loss, patchify, random_patch_mask, unpatchify
@@ -64,6 +65,24 @@ def test_short_captions_get_one_masked_token_and_empty_ones_are_counted():
     out = model(batch["image"], batch["text"], needs=frozenset({"visual_tokens"}))
     terms = MaskedLanguageModeling()(out, model=model, batch=batch)
     assert terms["loss/mlm"].item() == 0.0 and terms["mlm/unmaskable"].item() == 2
+
+
+def test_attribute_probes_mask_one_word_per_copy_or_all_at_once():
+    tokens = torch.tensor([[7, 1, 2, 3, 9, 0], [7, 2, 9, 0, 0, 0]])  # 7 start, 9 end
+    is_attribute = torch.isin(tokens, torch.tensor([1, 3, 2]))
+    inputs, labels, row = _one_attribute_masked(tokens, is_attribute, mask_id=99)
+    assert row.tolist() == [0, 0, 0, 1]
+    assert inputs.tolist() == [
+        [7, 99, 2, 3, 9, 0],
+        [7, 1, 99, 3, 9, 0],
+        [7, 1, 2, 99, 9, 0],
+        [7, 99, 9, 0, 0, 0],
+    ]
+    assert labels[labels != IGNORE].tolist() == [1, 2, 3, 2]
+    assert ((labels != IGNORE).sum(dim=1) == 1).all()
+    inputs, labels, row = _all_attributes_masked(tokens, is_attribute, mask_id=99)
+    assert inputs.tolist() == [[7, 99, 99, 99, 9, 0], [7, 99, 9, 0, 0, 0]]
+    assert labels[labels != IGNORE].tolist() == [1, 2, 3, 2] and row.tolist() == [0, 1]
 
 
 def test_tube_masking_hides_the_same_patches_in_every_frame():

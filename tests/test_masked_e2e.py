@@ -58,6 +58,7 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
     assert main(["eval", "mlm", "--checkpoint", str(out), "--data", data, "--json"]) == 0
     mlm = json.loads(capsys.readouterr().out)
     assert {"mlm_acc", "mlm_attr_acc", "mlm_attr_acc_shuffled", "n_tokens"} <= set(mlm)
+    assert {"mlm_attr_all_acc", "mlm_attr_all_acc_shuffled", "n_attr_tokens"} <= set(mlm)
     assert mlm["n_tokens"] > 100
     # Contract: `--rerank-k` gives the same keys as plain retrieval.
     assert main(["eval", "retrieval", "--checkpoint", str(out), "--data", data, "--json"]) == 0

@@ -306,10 +306,10 @@ class TrainConfig(_Strict):
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit); evaluation time is not counted."""
     fit_to_time: bool = True
-    """With max_minutes set: after the first 25 steps (and again at every checkpoint), lower
+    """With max_minutes set: after the first 25 steps (and again at every checkpoint), set
     max_steps to the steps that fit in the minutes left at the measured speed, so the LR schedule,
-    curricula and unmasked tuning run to their end on a slower machine (never raises max_steps;
-    the chosen count is kept in the checkpoint). False: the schedule is built for max_steps and
+    curricula and unmasked tuning run to their end on a slower machine (never above the
+    configured max_steps; the chosen count is kept in the checkpoint). False: the schedule is built for max_steps and
     max_minutes only stops the run."""
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""

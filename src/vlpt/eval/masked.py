@@ -8,16 +8,22 @@ reconstruction loss, with a PNG grid of reconstructions.
 MLM, two protocols on every caption of every item:
 - `mlm_acc`: BERT masking as in training (15%, 80/10/10, a fixed seed), accuracy over the
   selected tokens (`n_tokens` of them).
-- `mlm_attr_acc`: every attribute word of the caption (colours, shapes, and the direction and
-  position words left/right/up/down/top/bottom) replaced by the mask token at once, so the
-  caption cannot give one attribute away through another; accuracy over those tokens
-  (`n_attr_tokens`). `mlm_attr_acc_shuffled` is the same with each caption paired with the
-  next item's image (the set rolled by one): a model that reads the image drops to its
+- `mlm_attr_acc`: each attribute word of the caption (colours, shapes, and the direction and
+  position words left/right/up/down/top/bottom) masked on its own, the rest of the caption
+  intact (the cloze probe: which colour is *the circle at the top left*?); accuracy over those
+  tokens (`n_attr_tokens`). `mlm_attr_acc_shuffled` is the same with each caption paired with
+  the next item's image (the set rolled by one): a model that reads the image drops to its
   text-only guess there, and the gap is what the image contributes.
+- `mlm_attr_all_acc` (and `_shuffled`): every attribute word masked at once, so no attribute
+  can be inferred from another through the text. A harder protocol with a ceiling below 1: the
+  captions name objects in random order, and once colours, shapes and positions are all
+  masked, the skeleton ("a small [M] [M] at the [M] and a small [M] [M] at the [M] [M]") often
+  does not say which object comes first.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +124,8 @@ def mlm_metrics(
     seed: int = 0,
     precision: str = "fp32",
 ) -> dict[str, float | int]:
-    """`mlm_acc`, `mlm_attr_acc`, `mlm_attr_acc_shuffled`, `n_tokens`, `n_attr_tokens`."""
+    """`mlm_acc`, `mlm_attr_acc` (one word masked at a time), `mlm_attr_all_acc` (all at
+    once), each attribute accuracy also `_shuffled`, and `n_tokens`, `n_attr_tokens`."""
     if model.fusion is None:
         raise ConfigError(
             "this checkpoint's model has no fusion encoder, so no MLM head to evaluate; "
@@ -128,36 +135,69 @@ def mlm_metrics(
     vocab = model.fusion.cfg.vocab_size
     attribute_ids = attribute_token_ids(tokenizer).to(device)
     generator = torch.Generator().manual_seed(seed)
-    sums = dict.fromkeys(("acc", "n", "attr", "n_attr", "shuffled"), 0.0)
+    sums: Counter = Counter()
     n_items = len(data.visual_tokens)
     with evaluation_mode(model, device, precision):
         for start in range(0, len(data.captions), batch_size):
             rows = slice(start, start + batch_size)
             tokens = tokenizer(data.captions[rows]).to(device)  # (B, L)
             owner = data.text_to_image[rows]
-            visual = data.visual_tokens[owner]
+            images = {
+                "": data.visual_tokens[owner],
+                "_shuffled": data.visual_tokens[(owner + 1) % n_items],
+            }
             inputs, labels = mask_tokens(
                 tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator
             )
-            correct, count = _masked_accuracy(model, inputs, labels, visual)
-            sums["acc"] += correct
-            sums["n"] += count
+            sums.update(
+                dict(zip(("acc", "n"), _masked_accuracy(model, inputs, labels, images[""])))
+            )
             is_attribute = torch.isin(tokens, attribute_ids)
-            inputs = tokens.masked_fill(is_attribute, vocab)
-            labels = tokens.masked_fill(~is_attribute, IGNORE)
-            correct, count = _masked_accuracy(model, inputs, labels, visual)
-            sums["attr"] += correct
-            sums["n_attr"] += count
-            shuffled = data.visual_tokens[(owner + 1) % n_items]
-            sums["shuffled"] += _masked_accuracy(model, inputs, labels, shuffled)[0]
+            for protocol, (inputs, labels, row) in {
+                "attr": _one_attribute_masked(tokens, is_attribute, vocab),
+                "attr_all": _all_attributes_masked(tokens, is_attribute, vocab),
+            }.items():
+                for suffix, visual in images.items():
+                    for chunk in range(0, len(row), batch_size):
+                        part = slice(chunk, chunk + batch_size)
+                        correct, count = _masked_accuracy(
+                            model, inputs[part], labels[part], visual[row[part]]
+                        )
+                        sums[protocol + suffix] += correct
+                        sums["n_" + protocol + suffix] += count
     n, n_attr = max(sums["n"], 1), max(sums["n_attr"], 1)
     return {
         "mlm_acc": sums["acc"] / n,
         "mlm_attr_acc": sums["attr"] / n_attr,
-        "mlm_attr_acc_shuffled": sums["shuffled"] / n_attr,
+        "mlm_attr_acc_shuffled": sums["attr_shuffled"] / n_attr,
+        "mlm_attr_all_acc": sums["attr_all"] / n_attr,
+        "mlm_attr_all_acc_shuffled": sums["attr_all_shuffled"] / n_attr,
         "n_tokens": int(sums["n"]),
         "n_attr_tokens": int(sums["n_attr"]),
     }
+
+
+def _one_attribute_masked(
+    tokens: torch.Tensor, is_attribute: torch.Tensor, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One copy of a caption per attribute token, with only that token masked -> inputs (K, L),
+    labels (K, L), and the caption row of each copy (K,)."""
+    row, col = is_attribute.nonzero(as_tuple=True)
+    inputs = tokens[row].clone()
+    copy = torch.arange(len(row), device=tokens.device)
+    inputs[copy, col] = mask_id
+    labels = torch.full_like(inputs, IGNORE)
+    labels[copy, col] = tokens[row, col]
+    return inputs, labels, row
+
+
+def _all_attributes_masked(
+    tokens: torch.Tensor, is_attribute: torch.Tensor, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every attribute token of each caption masked at once -> inputs, labels (B, L), rows."""
+    inputs = tokens.masked_fill(is_attribute, mask_id)
+    labels = tokens.masked_fill(~is_attribute, IGNORE)
+    return inputs, labels, torch.arange(len(tokens), device=tokens.device)
 
 
 def evaluate_mlm(
