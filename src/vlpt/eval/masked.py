@@ -23,7 +23,7 @@ MLM, two protocols on every caption of every item:
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +135,7 @@ def mlm_metrics(
     vocab = model.fusion.cfg.vocab_size
     attribute_ids = attribute_token_ids(tokenizer).to(device)
     generator = torch.Generator().manual_seed(seed)
-    sums: Counter = Counter()
+    sums: defaultdict[str, float] = defaultdict(float)
     n_items = len(data.visual_tokens)
     with evaluation_mode(model, device, precision):
         for start in range(0, len(data.captions), batch_size):
@@ -149,9 +149,9 @@ def mlm_metrics(
             inputs, labels = mask_tokens(
                 tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator
             )
-            sums.update(
-                dict(zip(("acc", "n"), _masked_accuracy(model, inputs, labels, images[""])))
-            )
+            correct, count = _masked_accuracy(model, inputs, labels, images[""])
+            sums["acc"] += correct
+            sums["n"] += count
             is_attribute = torch.isin(tokens, attribute_ids)
             for protocol, (inputs, labels, row) in {
                 "attr": _one_attribute_masked(tokens, is_attribute, vocab),
