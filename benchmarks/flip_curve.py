@@ -79,12 +79,15 @@ def eval_curve(records: list[dict]) -> list[tuple[float, float]]:
     return [(r["minutes"], r["eval/val/t2i_r1"]) for r in records if "eval/val/t2i_r1" in r]
 
 
+def run_name(ratio: float) -> str:
+    return f"drop{int(round(ratio * 100)):02d}"
+
+
 def calibrate(args: argparse.Namespace, work: Path, ratio: float, common: list[str]) -> float:
     """Training samples/s of a `--calib-steps` run at this dropout ratio."""
-    name = f"drop{int(round(ratio * 100)):02d}"
     calib = run_pretrain(
         work,
-        f"{name}-calibrate",
+        f"{run_name(ratio)}-calibrate",
         [
             *common,
             f"model.patch_dropout={ratio}",
@@ -99,7 +102,7 @@ def calibrate(args: argparse.Namespace, work: Path, ratio: float, common: list[s
 
 def race(args: argparse.Namespace, work: Path, ratio: float, common: list[str]) -> dict:
     """Calibrate, then train for `args.minutes` at this dropout ratio; the run's summary."""
-    name = f"drop{int(round(ratio * 100)):02d}"
+    name = run_name(ratio)
     dropout = [f"model.patch_dropout={ratio}"]
     rate = calibrate(args, work, ratio, common)
     steps = max(6, int(args.minutes * 60 * rate / args.batch_size))
@@ -129,7 +132,9 @@ def race(args: argparse.Namespace, work: Path, ratio: float, common: list[str]) 
     }
 
 
-def speed_only(args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]):
+def speed_only(
+    args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]
+) -> dict:
     """The calibrations alone: samples/s per ratio and each one's speedup over the first."""
     rates = {ratio: calibrate(args, work, ratio, common) for ratio in ratios}
     first = rates[ratios[0]]
@@ -208,14 +213,26 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="flip-curve-"))
     work.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
-    if args.speed_only:
-        print(json.dumps(speed_only(args, work, ratios, common)))
-        return
+    result = (
+        speed_only(args, work, ratios, common)
+        if args.speed_only
+        else curve_result(args, work, ratios, common)
+    )
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def curve_result(
+    args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]
+) -> dict:
+    """Race every ratio, plot the curves, and summarise them with the speedups and R@1 gaps."""
     runs = [race(args, work, ratio, common) for ratio in ratios]
     by_ratio = {run["patch_dropout"]: run for run in runs}
     base = by_ratio.get(0.0)
     png = REPO / args.png
-    plot(runs, png, f"FLIP on the synthetic world, tiny, {args.minutes:g} min per run")
+    model = args.model or "tiny-conv"
+    plot(runs, png, f"FLIP on the synthetic world, {model}, {args.minutes:g} min per run")
     result = {
         "benchmark": "flip_curve",
         "minutes": args.minutes,
@@ -234,9 +251,7 @@ def main() -> None:
                     by_ratio[ratio]["samples_per_s"] / base["samples_per_s"], 3
                 )
                 result[f"r1_gap_{key}"] = round(by_ratio[ratio]["final_r1"] - base["final_r1"], 4)
-    if not args.work_dir:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

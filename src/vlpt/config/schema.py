@@ -309,8 +309,8 @@ class TrainConfig(_Strict):
     """With max_minutes set: after the first 25 steps (and again at every checkpoint), set
     max_steps to the steps that fit in the minutes left at the measured speed, so the LR schedule,
     curricula and unmasked tuning run to their end on a slower machine (never above the
-    configured max_steps; the chosen count is kept in the checkpoint). False: the schedule is built for max_steps and
-    max_minutes only stops the run."""
+    configured max_steps; the chosen count is kept in the checkpoint). False: the schedule is
+    built for max_steps and max_minutes only stops the run."""
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.0
