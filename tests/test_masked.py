@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import MICRO_MODEL, ROOT
@@ -221,3 +224,55 @@ def test_clips_give_frame_tokens_and_tube_masked_reconstruction():
     assert torch.allclose(features, model.encode_image(clips), atol=1e-5)
     terms = MaskedImageModeling()({}, model=model, batch={"image": clips})
     assert terms["loss/mim"].isfinite()
+
+
+def _token_embedding_model(tmp_path) -> str:
+    """MICRO_MASKED with the fusion encoder on bare token embeddings (`text_states` false)."""
+    cfg = json.loads(Path(MICRO_MASKED).read_text())
+    cfg["fusion_cfg"]["text_states"] = False
+    path = tmp_path / "micro-masked-embeddings.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_fusion_on_text_states_reads_the_text_tower_and_the_shared_states_agree(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MICRO_MASKED).eval()
+    assert model.fusion.positional_embedding is None  # the text tower's positions serve
+    tokens = _captions(3, 6, torch.Generator().manual_seed(0))
+    visual = torch.randn(3, 17, 64)
+    _, states = model.encode_text_with_states(tokens)
+    fused = model.fuse(tokens, visual)
+    # ITM passes the states the contrastive pass computed: the same as computing them here.
+    assert torch.allclose(fused, model.fuse(tokens, visual, states), atol=1e-5)
+    with torch.no_grad():  # a change inside the text tower reaches the fused states...
+        model.text.transformer.resblocks[0].mlp.c_fc.bias.add_(1.0)
+    assert not torch.allclose(fused, model.fuse(tokens, visual), atol=1e-3)
+    plain = build_model(_token_embedding_model(tmp_path)).eval()  # ...not of the other layout
+    before = plain.fuse(tokens, visual)
+    with torch.no_grad():
+        plain.text.transformer.resblocks[0].mlp.c_fc.bias.add_(1.0)
+    assert torch.equal(before, plain.fuse(tokens, visual))
+
+
+@pytest.mark.parametrize("contrastive", [True, False])
+def test_fusion_on_text_states_trains_the_text_tower_with_or_without_contrastive(contrastive):
+    torch.manual_seed(0)
+    name = MICRO_MASKED
+    model = build_model(name)
+    switches = ["objectives.mlm.enabled=true", "objectives.itm.enabled=true"]
+    if not contrastive:
+        switches = ["loss.weight=0", "objectives.mlm.enabled=true"]
+    cfg = load_config(None, [f"model.name={name}", *switches])
+    trainer = ModelWithObjectives(model, build_objectives(cfg, model))
+    from vlpt.models import get_tokenizer
+
+    tokens = get_tokenizer(MICRO_MODEL)(["a small red circle at the top", "a big blue star"])
+    terms = trainer({"image": torch.randn(2, 3, 32, 32), "text": tokens})
+    sum(v for k, v in terms.items() if k.startswith("loss/")).backward()
+    block = model.text.transformer.resblocks[-1].attn.in_proj_weight
+    assert block.requires_grad and block.grad is not None and block.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == ["logit_bias"] if contrastive else missing == []
+    if not contrastive:  # the projection to the embedding space is no input of the fusion
+        assert not model.text.text_projection.requires_grad

@@ -40,6 +40,7 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
         "eval.max_items=60",
         "eval.rerank_k=4",
         "resume=",
+        "init=",  # the config starts from the image run; this test trains from scratch
     )
     assert main(["pretrain", CONFIG, *overrides]) == 0
     final = _last_json(capsys)
@@ -72,7 +73,7 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
 
 def test_masked_objectives_on_a_model_without_heads_are_one_sentence(synth_world, tmp_path, capsys):
     out = tmp_path / "plain"
-    overrides = run_overrides(synth_world, out, "objectives.itm.enabled=true", "resume=")
+    overrides = run_overrides(synth_world, out, "objectives.itm.enabled=true", "resume=", "init=")
     assert (
         main(
             [
@@ -91,7 +92,7 @@ def test_masked_objectives_on_a_model_without_heads_are_one_sentence(synth_world
     )
     assert len(err.strip().splitlines()) == 1
 
-    plain = run_overrides(synth_world, out, "train.max_steps=2", "resume=")
+    plain = run_overrides(synth_world, out, "train.max_steps=2", "resume=", "init=")
     plain += ["objectives.mlm.enabled=false", "objectives.itm.enabled=false"]
     plain += ["objectives.mim.enabled=false", "eval.rerank_k=0"]
     assert main(["pretrain", CONFIG, *plain]) == 0  # run_overrides picks the head-less micro model

@@ -4,11 +4,14 @@ both modalities at once: masked language modelling and image-text matching.
 
     fusion = FusionEncoder({"width": 192, "layers": 2, "heads": 3, "visual_width": 192})
     hidden = fusion(tokens, visual_tokens, model.text.token_embedding)   # (B, L, W)
+    hidden = model.fuse(tokens, visual_tokens)   # the same, text states computed if configured
     logits = fusion.mlm_head(hidden[selected], model.text.token_embedding)  # (n, vocab)
     match = fusion.itm_head(hidden[:, 0])                                  # (B, 2)
 
 Token embeddings are the text tower's (passed in, not owned: one embedding table, and a
-checkpoint never holds two names for the same tensor, which safetensors refuses). The MLM head's
+checkpoint never holds two names for the same tensor, which safetensors refuses). With
+`text_states` (ALBEF's layout) the blocks read the text tower's output states instead, which the
+model computes from the same embeddings (mask vector included). The MLM head's
 output projection is tied to it, as in BERT. Tokens use the project tokenizer's layout,
 `[SOT, w1, ..., wn, EOT, 0, ...]`; `MASK_ID` (= vocab size, one past the BPE table) marks a
 masked position and is embedded by the MLM head's learned mask vector.
@@ -47,6 +50,11 @@ class FusionConfig:
     """BPE vocabulary size; id `vocab_size` is the mask token, `vocab_size - 1` the end token."""
     mlp_ratio: float = 4.0
     """Hidden width of the MLP as a multiple of `width`."""
+    text_states: bool = False
+    """Read the text tower's per-token output states (ALBEF: the fusion layers sit on top of the
+    text encoder) instead of bare token embeddings with the fusion encoder's own positions. The
+    words then arrive already read in context ("red" knows it belongs to "circle"), and the text
+    tower learns from MLM and ITM too; it costs a text-tower pass over the masked captions."""
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> FusionConfig:
@@ -138,7 +146,12 @@ class FusionEncoder(nn.Module):
         self.cfg = cfg
         self.mask_id = cfg.vocab_size
         self.eot_id = cfg.vocab_size - 1
-        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        # With text states the text tower has added its positions already.
+        self.positional_embedding: nn.Parameter | None = None
+        if not cfg.text_states:
+            self.positional_embedding = nn.Parameter(
+                torch.randn(cfg.context_length, cfg.width) * 0.01
+            )
         self.ln_visual = nn.LayerNorm(cfg.visual_width)
         self.visual_proj = nn.Linear(cfg.visual_width, cfg.width)
         self.blocks = nn.ModuleList(FusionBlock(cfg) for _ in range(cfg.layers))
@@ -153,17 +166,28 @@ class FusionEncoder(nn.Module):
         eot = (tokens == self.eot_id).int().argmax(dim=1, keepdim=True)  # (B, 1)
         return (torch.arange(length, device=tokens.device)[None] <= eot)[:, None, None]
 
-    def embed(self, tokens: torch.Tensor, token_embedding: nn.Embedding) -> torch.Tensor:
-        """(B, L) ids, MASK_ID allowed -> (B, L, W) token + position embeddings."""
+    def embed_tokens(self, tokens: torch.Tensor, token_embedding: nn.Embedding) -> torch.Tensor:
+        """(B, L) ids, MASK_ID allowed -> (B, L, W) token embeddings (no positions)."""
         is_mask = tokens == self.mask_id
         x = token_embedding(tokens.masked_fill(is_mask, 0))
-        x = torch.where(is_mask[..., None], self.mlm_head.mask_embedding.to(x.dtype), x)
-        return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
+        return torch.where(is_mask[..., None], self.mlm_head.mask_embedding.to(x.dtype), x)
 
     def forward(
-        self, tokens: torch.Tensor, visual_tokens: torch.Tensor, token_embedding: nn.Embedding
+        self,
+        tokens: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        token_embedding: nn.Embedding,
+        text_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed(tokens, token_embedding)  # (B, L, W)
+        """`text_states` (B, L, W): the text tower's states of `tokens`, required when
+        `cfg.text_states` (the model computes them: `VisionLanguageModel.fuse`)."""
+        if self.positional_embedding is None:
+            if text_states is None:
+                raise ValueError("this fusion encoder reads text states (fusion_cfg.text_states)")
+            x = text_states
+        else:
+            x = self.embed_tokens(tokens, token_embedding)  # (B, L, W)
+            x = x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
         visual = self.visual_proj(self.ln_visual(visual_tokens))  # (B, N, W)
         mask = self.padding_mask(tokens)
         for block in self.blocks:

@@ -199,18 +199,29 @@ class VisionLanguageModel(nn.Module):
         their longest caption (the tokenizer does that): with the causal mask, padding after the
         end token never changes the pooled feature, so computing it is wasted work.
         """
+        return self.encode_text_with_states(tokens, normalize)[0]
+
+    def encode_text_with_states(
+        self, tokens: torch.Tensor, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_text`'s embeddings (B, D) and the per-token states they are pooled from,
+        (B, L, W) after `ln_final` (what a fusion encoder with `text_states` reads)."""
         tower = self.text
-        length = tokens.shape[1]
-        x = tower.token_embedding(tokens) + tower.positional_embedding[:length]
-        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
-        x = tower.transformer(x, attn_mask=mask)  # (B, L', W)
-        x = tower.ln_final(x)
-        pooled = text_global_pool(x, tokens, pool_type=tower.pool_type)  # (B, W)
+        states = self._text_tower(tower.token_embedding(tokens))
+        pooled = text_global_pool(states, tokens, pool_type=tower.pool_type)  # (B, W)
         if isinstance(tower.text_projection, nn.Linear):
             pooled = tower.text_projection(pooled)
         elif tower.text_projection is not None:
             pooled = pooled @ tower.text_projection
-        return F.normalize(pooled, dim=-1) if normalize else pooled
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), states
+
+    def _text_tower(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, W) -> the text tower's states after `ln_final` (B, L, W)."""
+        tower = self.text
+        length = x.shape[1]
+        x = x + tower.positional_embedding[:length].to(x.dtype)
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        return tower.ln_final(tower.transformer(x, attn_mask=mask))
 
     def encode_clip_both_ways(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 3, H, W) clips -> normalised embeddings of the clips and of the same clips
@@ -248,11 +259,38 @@ class VisionLanguageModel(nn.Module):
         x = tower.ln_pre(torch.cat([cls, x], dim=1))
         return tower.ln_post(tower.transformer(x))
 
-    def fuse(self, tokens: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """Fusion encoder: (B, L) tokens (mask id allowed) x (B, N, W) visual -> (B, L, W)."""
-        if self.fusion is None:
+    def fuse(
+        self,
+        tokens: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        text_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fusion encoder: (B, L) tokens (mask id allowed) x (B, N, W) visual -> (B, L, W).
+
+        A fusion encoder with `text_states` reads the text tower's states of `tokens`: pass them
+        when they are at hand (`forward` returns them with the contrastive features), otherwise
+        they are computed here (masked captions included: the mask vector goes in as a token)."""
+        fusion = self.fusion
+        if fusion is None:
             raise ValueError("this model has no fusion encoder (no fusion_cfg in its config).")
-        return self.fusion(tokens, visual_tokens, self.text.token_embedding)
+        if fusion.cfg.text_states and text_states is None:
+            text_states = self._text_tower(fusion.embed_tokens(tokens, self.text.token_embedding))
+        if not fusion.cfg.text_states:
+            text_states = None
+        return fusion(tokens, visual_tokens, self.text.token_embedding, text_states)
+
+    def fusion_text_parameters(self) -> list[nn.Parameter]:
+        """The text-tower parameters the fusion encoder reads: the token table, and with
+        `text_states` every part of the tower but the projection to the embedding space."""
+        if self.fusion is None:
+            return []
+        if not self.fusion.cfg.text_states:
+            return list(self.text.token_embedding.parameters())
+        projection = self.text.text_projection
+        skip = set(map(id, projection.parameters() if isinstance(projection, nn.Module) else []))
+        if isinstance(projection, nn.Parameter):
+            skip.add(id(projection))
+        return [p for p in self.text.parameters() if id(p) not in skip]
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Fused states at masked positions (n, W) -> vocabulary logits (n, V)."""
@@ -270,7 +308,8 @@ class VisionLanguageModel(nn.Module):
         tokens: torch.Tensor | None,
         needs: frozenset[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
-        """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W).
+        """Contrastive features, plus what `needs` asks for: `visual_tokens` (B, N', W),
+        `text_states` (B, L, W; the text tower's per-token states, free with the features).
 
         `tokens=None` skips the text tower (no `text_features`): objectives that only read the
         visual tokens, such as captioning, do not pay for it."""
@@ -285,7 +324,9 @@ class VisionLanguageModel(nn.Module):
             )
         else:
             outputs["image_features"] = self.encode_image(images)  # (B, D)
-        if tokens is not None:
+        if tokens is not None and "text_states" in needs:
+            outputs["text_features"], outputs["text_states"] = self.encode_text_with_states(tokens)
+        elif tokens is not None:
             outputs["text_features"] = self.encode_text(tokens)  # (B, D)
         outputs["logit_scale"] = self.logit_scale.exp().clamp(max=100.0)
         outputs["logit_bias"] = self.logit_bias

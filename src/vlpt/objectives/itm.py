@@ -45,7 +45,9 @@ def pad_tokens(tokens: torch.Tensor, length: int) -> torch.Tensor:
 class ImageTextMatching(nn.Module):
     """`loss/itm`: is this caption about this image? Positives and hard negatives, 1:2."""
 
-    needs = frozenset({"features", "visual_tokens"})  # features: hard negatives
+    # features: hard negatives; text_states: the captions' text-tower states, which a fusion
+    # encoder with `text_states` reads (computed with the features anyway, so reused here)
+    needs = frozenset({"features", "visual_tokens", "text_states"})
     heads = ("fusion", "itm_head")
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -56,13 +58,20 @@ class ImageTextMatching(nn.Module):
         assert model is not None and batch is not None
         tokens, visual = batch["text"], outputs["visual_tokens"]  # (B, L), (B, N, W)
         rank, world = rank_and_world_size()
+        states = outputs.get("text_states") if model.fusion.cfg.text_states else None
         if world > 1:  # captions of other ranks may be longer: one common length
             tokens = pad_tokens(tokens, model.context_length)
+            if states is not None:
+                states = F.pad(states, (0, 0, 0, model.context_length - states.shape[1]))
         all_tokens, all_visual = all_gather_with_grad(tokens), all_gather_with_grad(visual)
         negative_text, negative_image = self._negatives(outputs, tokens, all_tokens, rank)
         pair_tokens = torch.cat([tokens, all_tokens[negative_text], tokens])  # (3B, L)
         pair_visual = torch.cat([visual, visual, all_visual[negative_image]])  # (3B, N, W)
-        logits = model.itm_logits(model.fuse(pair_tokens, pair_visual)).float()  # (3B, 2)
+        pair_states = None
+        if states is not None:  # (3B, L, W), in the order of pair_tokens
+            pair_states = torch.cat([states, all_gather_with_grad(states)[negative_text], states])
+        fused = model.fuse(pair_tokens, pair_visual, pair_states)
+        logits = model.itm_logits(fused).float()  # (3B, 2)
         batch_size = len(tokens)
         labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
         labels[:batch_size] = 1

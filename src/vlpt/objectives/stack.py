@@ -38,8 +38,9 @@ class ModelWithObjectives(nn.Module):
         if "features" not in self.needs:
             for param in model.contrastive_parameters():
                 param.requires_grad_(False)
-            if "fusion" in trained:  # it reads the text tower's token table
-                model.text.token_embedding.requires_grad_(True)
+            if "fusion" in trained:  # it reads the token table (and with text states the tower)
+                for param in model.fusion_text_parameters():
+                    param.requires_grad_(True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["text"] if "features" in self.needs else None
