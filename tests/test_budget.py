@@ -39,7 +39,7 @@ def test_fits_stay_under_the_cap_and_later_fits_use_the_latest_speed():
     budget = StepBudget(_cfg("train.max_steps=100", "train.max_minutes=10"), start_step=0)
     step = _first_fit_step(budget, 1.0)
     assert budget.fit(step, float(step), 100) == 100  # 600 s hold far more than 100 steps
-    assert budget.due_at_checkpoint()
+    assert budget.due_after_checkpoint()
     # The machine slows to 10 s/step: at step 50 (25 + 25 x 10 s = 275 s), 325 s are left.
     assert budget.fit(50, 275.0, 100) == 50 + int(0.95 * 325 / 10)
 
@@ -52,10 +52,10 @@ class _FakeClock:
         return self.now
 
 
-def _fit_after(cfg, budget, state, clock, step, at_checkpoint=False):
+def _fit_after(cfg, budget, state, clock, step, after_checkpoint=False):
     state.step = step
     return loop._fit_to_time(
-        cfg, budget, state, clock, at_checkpoint, loop.DistInfo(), loop.NullLogger()
+        cfg, budget, state, clock, after_checkpoint, loop.DistInfo(), loop.NullLogger()
     )
 
 
@@ -69,13 +69,13 @@ def test_a_later_fit_raises_the_count_again_up_to_the_configured_one():
     clock.now = 2.0 * (WARM_STEPS + CALIBRATION_STEPS)
     cfg = _fit_after(cfg, budget, state, clock, WARM_STEPS + CALIBRATION_STEPS)
     assert cfg is not None and cfg.train.max_steps == state.max_steps < 300
-    # Then 0.5 s/step: the checkpoint at step 100 raises the count, at most to 1000.
-    clock.now += 0.5 * (100 - WARM_STEPS - CALIBRATION_STEPS)
-    raised = _fit_after(cfg, budget, state, clock, 100, at_checkpoint=True)
+    # Then 0.5 s/step: the fit after the checkpoint at step 100 raises the count, to <= 1000.
+    clock.now += 0.5 * (101 - WARM_STEPS - CALIBRATION_STEPS)
+    raised = _fit_after(cfg, budget, state, clock, 101, after_checkpoint=True)
     assert raised is not None and cfg.train.max_steps < raised.train.max_steps <= 1000
     assert state.max_steps == raised.train.max_steps
     # Not between checkpoints, and not when the count would not change.
-    assert _fit_after(raised, budget, state, clock, 101) is None
+    assert _fit_after(raised, budget, state, clock, 102) is None
 
 
 def test_a_raise_never_sends_the_run_back_to_an_earlier_curriculum_stage():
@@ -92,8 +92,33 @@ def test_a_raise_never_sends_the_run_back_to_an_earlier_curriculum_stage():
         budget.observe(step, 0.0)
     budget.fitted = True
     clock.now = 1.0  # machine far faster than planned: 1000 steps would fit
-    assert _fit_after(cfg, budget, state, clock, 150, at_checkpoint=True) is None
+    assert _fit_after(cfg, budget, state, clock, 151, after_checkpoint=True) is None
     assert state.max_steps == 200
+
+
+def test_later_fits_come_one_step_after_each_checkpoint_is_written(
+    synth_world, tmp_path, monkeypatch
+):
+    """So the measured speed holds the checkpoint write and the data stream's restart."""
+    calls = []
+    real_fit = loop._fit_to_time
+
+    def recording_fit(cfg, budget, state, clock, after_checkpoint, *rest):
+        written = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+        calls.append((state.step, after_checkpoint, written[-1:]))
+        return real_fit(cfg, budget, state, clock, after_checkpoint, *rest)
+
+    monkeypatch.setattr(loop, "_fit_to_time", recording_fit)
+    overrides = ["train.max_steps=7", "train.ckpt_every=3", "train.max_minutes=30"]
+    overrides += ["eval.max_items=20", "data.test=[]", "train.keep_checkpoints=5"]
+    assert (
+        main(["pretrain", CONFIG, *run_overrides(synth_world, tmp_path / "run", *overrides)]) == 0
+    )
+    assert [(step, written) for step, after, written in calls if after] == [
+        (4, ["step_00000003"]),
+        (7, ["step_00000006"]),
+    ]
+    assert [step for step, _, _ in calls] == list(range(1, 8))
 
 
 def test_resumed_run_measures_from_its_own_first_steps():
@@ -105,7 +130,7 @@ def test_resumed_run_measures_from_its_own_first_steps():
 def test_off_without_a_time_limit_or_when_switched_off(overrides):
     budget = StepBudget(_cfg("train.max_minutes=5", *overrides), start_step=0)
     assert not any(budget.observe(s, s * 100.0) for s in range(1, 200))
-    assert not budget.due_at_checkpoint()
+    assert not budget.due_after_checkpoint()
 
 
 def test_resume_keeps_the_fitted_length_unless_max_steps_was_changed():

@@ -306,7 +306,7 @@ class TrainConfig(_Strict):
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit); evaluation time is not counted."""
     fit_to_time: bool = True
-    """With max_minutes set: after the first 25 steps (and again at every checkpoint), set
+    """With max_minutes set: after the first 25 steps (and again after every checkpoint), set
     max_steps to the steps that fit in the minutes left at the measured speed, so the LR schedule,
     curricula and unmasked tuning run to their end on a slower machine (never above the
     configured max_steps; the chosen count is kept in the checkpoint). False: the schedule is

@@ -3,8 +3,10 @@
 A config sized for one machine meets another that is slower: without this, the time limit stops
 the run mid-schedule, at a high learning rate, before a curriculum's late stages or the unmasked
 tuning phase (the default image run on a machine at 40% speed: val R@1 0.42 instead of 0.79).
-Instead the loop measures the seconds per step over the first steps, and at that point and at
-every later checkpoint sets `train.max_steps` to the steps that fit in the minutes left, so
+Instead the loop measures the seconds per step over the first steps, and at that point and
+one step after every later checkpoint (so the speed it measures includes a checkpoint write and
+the restart of the data stream that follows it, which recur at every checkpoint) sets
+`train.max_steps` to the steps that fit in the minutes left, so
 the warmup + cosine schedule and every option given as a fraction of the run (frames curriculum,
 `Source.start`, unmasked tuning) still run to their end. A later fit may raise the count again
 when the first steps were slower than the rest (loader start-up, a busy machine), but never
@@ -23,7 +25,8 @@ WARM_STEPS = 5
 CALIBRATION_STEPS = 20
 """Steps measured before the first fit."""
 MARGIN = 0.95
-"""Plan for 95% of the time left: checkpoint writes and data-segment restarts cost a little."""
+"""Plan for 95% of the time left: the machine's speed wanders (the last checkpoint's write and
+restart are in the measured speed; the first fit's window has none, hence the margin there)."""
 
 
 def with_max_steps(cfg: RunConfig, max_steps: int) -> RunConfig:
@@ -36,7 +39,7 @@ class StepBudget:
 
     `observe(step, seconds)` after every step says whether the first fit is due; `fit(step,
     seconds, cap)` returns the steps that fit (never more than `cap`) and starts a new
-    measurement window, so a later fit (at a checkpoint) uses the speed since the last one."""
+    measurement window, so a later fit (after a checkpoint) uses the speed since the last one."""
 
     def __init__(self, cfg: RunConfig, start_step: int) -> None:
         self.enabled = cfg.train.fit_to_time and cfg.train.max_minutes > 0
@@ -56,8 +59,8 @@ class StepBudget:
             not self.fitted and self.mark is not None and step == self.mark[0] + CALIBRATION_STEPS
         )
 
-    def due_at_checkpoint(self) -> bool:
-        """Later fits happen at checkpoints, once the first one has been made."""
+    def due_after_checkpoint(self) -> bool:
+        """Later fits happen after checkpoints, once the first one has been made."""
         return self.enabled and self.fitted
 
     def fit(self, step: int, seconds: float, cap: int) -> int:

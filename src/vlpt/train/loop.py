@@ -262,6 +262,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
 
     clock, window = Clock(state.train_seconds), Window()
     done = state.step >= cfg.train.max_steps
+    after_checkpoint = False  # the segment began at a checkpoint this run wrote
     while not done:
         batches = iter(_segment_loader(cfg, model, tokenizer, dist_info, state.step))
         segment_stage = stage_at(cfg, state.step)
@@ -280,8 +281,10 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             window.add(metrics, n_samples)
             bar.update(1)
 
-            at_checkpoint = state.step % cfg.train.ckpt_every == 0
-            fitted = _fit_to_time(cfg, budget, state, clock, at_checkpoint, dist_info, logger)
+            # Later fits come one step after a checkpoint, so that the checkpoint write and
+            # the segment's restart are in the measured speed (they recur at every checkpoint).
+            fitted = _fit_to_time(cfg, budget, state, clock, after_checkpoint, dist_info, logger)
+            after_checkpoint = False
             if fitted is not None:
                 cfg, schedule = fitted, lr_schedule(fitted.train)
                 bar.total = cfg.train.max_steps
@@ -306,6 +309,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 window.clock.exclude(time.monotonic() - paused)
             # The next step's curriculum stage (frames, sources) differs from this segment's.
             new_stage = stage_at(cfg, state.step) != segment_stage
+            at_checkpoint = state.step % cfg.train.ckpt_every == 0
+            after_checkpoint = at_checkpoint and not done
             if done or at_checkpoint or new_stage:
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
@@ -395,19 +400,21 @@ def _fit_to_time(
     budget: StepBudget,
     state: TrainState,
     clock: Clock,
-    at_checkpoint: bool,
+    after_checkpoint: bool,
     dist_info: DistInfo,
     logger: MetricsLogger | NullLogger,
 ) -> RunConfig | None:
     """The run with `max_steps` fitted to the time left (`StepBudget`), when a fit is due after
-    this step and changes the count; None otherwise. Records the new length in `state`.
+    this step (the first fit, or `after_checkpoint`: this step was the first one after a
+    checkpoint) and changes the count; None otherwise. Records the new length in `state`.
 
     A fit may lower the count, or raise it again up to the configured `train.max_steps` when
     the machine turned out faster than first measured (the learning rate then steps up a
     little: the cosine's progress fraction goes down). A raise that would send this step back
     to an earlier curriculum stage or out of the unmasked tuning phase is not made."""
     seconds = clock.seconds()
-    if not (budget.observe(state.step, seconds) or (at_checkpoint and budget.due_at_checkpoint())):
+    checkpoint_fit = after_checkpoint and budget.due_after_checkpoint()
+    if not (budget.observe(state.step, seconds) or checkpoint_fit):
         return None
     cap = state.configured_max_steps or cfg.train.max_steps
     fitted = int(_from_rank0(budget.fit(state.step, seconds, cap), dist_info))
