@@ -310,8 +310,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             # The next step's curriculum stage (frames, sources) differs from this segment's.
             new_stage = stage_at(cfg, state.step) != segment_stage
             at_checkpoint = state.step % cfg.train.ckpt_every == 0
-            after_checkpoint = at_checkpoint and not done
-            if done or at_checkpoint or new_stage:
+            if done or at_checkpoint or new_stage:  # (a stage change writes a checkpoint too)
+                after_checkpoint = not done
                 state.train_seconds = clock.seconds()
                 _save(cfg, ckpt_root, model, optimizer, state, dist_info)
                 break  # a new data segment starts here (see _segment_seed)
