@@ -181,11 +181,12 @@ class FusionEncoder(nn.Module):
     ) -> torch.Tensor:
         """`text_states` (B, L, W): the text tower's states of `tokens`, required when
         `cfg.text_states` (the model computes them: `VisionLanguageModel.fuse`)."""
-        if self.positional_embedding is None:
+        if self.cfg.text_states:
             if text_states is None:
                 raise ValueError("this fusion encoder reads text states (fusion_cfg.text_states)")
             x = text_states
         else:
+            assert self.positional_embedding is not None
             x = self.embed_tokens(tokens, token_embedding)  # (B, L, W)
             x = x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
         visual = self.visual_proj(self.ln_visual(visual_tokens))  # (B, N, W)

@@ -273,10 +273,10 @@ class VisionLanguageModel(nn.Module):
         fusion = self.fusion
         if fusion is None:
             raise ValueError("this model has no fusion encoder (no fusion_cfg in its config).")
-        if fusion.cfg.text_states and text_states is None:
-            text_states = self._text_tower(fusion.embed_tokens(tokens, self.text.token_embedding))
         if not fusion.cfg.text_states:
             text_states = None
+        elif text_states is None:
+            text_states = self._text_tower(fusion.embed_tokens(tokens, self.text.token_embedding))
         return fusion(tokens, visual_tokens, self.text.token_embedding, text_states)
 
     def fusion_text_parameters(self) -> list[nn.Parameter]:
@@ -286,11 +286,8 @@ class VisionLanguageModel(nn.Module):
             return []
         if not self.fusion.cfg.text_states:
             return list(self.text.token_embedding.parameters())
-        projection = self.text.text_projection
-        skip = set(map(id, projection.parameters() if isinstance(projection, nn.Module) else []))
-        if isinstance(projection, nn.Parameter):
-            skip.add(id(projection))
-        return [p for p in self.text.parameters() if id(p) not in skip]
+        named = self.text.named_parameters()
+        return [p for name, p in named if not name.startswith("text_projection")]
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Fused states at masked positions (n, W) -> vocabulary logits (n, V)."""

@@ -31,7 +31,7 @@ from vlpt.train.build import model_from_config
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
 from vlpt.train.finetune import describe_init, freeze_towers, load_init_weights
-from vlpt.train.metrics import MetricsLogger, NullLogger, release_free_heap, resident_memory_mb
+from vlpt.train.metrics import Clock, MetricsLogger, NullLogger, Window, release_free_heap
 from vlpt.train.optim import build_optimizer, lr_schedule, set_lr
 from vlpt.train.parallel import wrap_model
 
@@ -207,39 +207,6 @@ def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
     return 0.0 if step >= cfg.train.max_steps - tuning_steps else cfg.model.patch_dropout
 
 
-class Clock:
-    """Training seconds so far: carried over from the checkpoint, minus time spent evaluating."""
-
-    def __init__(self, carried: float = 0.0) -> None:
-        self.started = time.monotonic() - carried
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
-
-    def exclude(self, seconds: float) -> None:
-        self.started += seconds
-
-
-class Window:
-    """Metrics averaged over the steps since the last log line, with their throughput."""
-
-    def __init__(self) -> None:
-        self.sums: Counter = Counter()
-        self.steps, self.samples, self.clock = 0, 0, Clock()
-
-    def add(self, metrics: dict[str, float], samples: int) -> None:
-        self.sums.update(metrics)
-        self.steps += 1
-        self.samples += samples
-
-    def summary(self) -> dict[str, float]:
-        return {
-            **{k: v / self.steps for k, v in self.sums.items()},
-            "samples_per_s": self.samples / max(self.clock.seconds(), 1e-9),
-            "memory/rss_mb": resident_memory_mb(),
-        }
-
-
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Train as the config says; returns (and prints, as the last line) the final evaluation."""
     dist_info = init_distributed()
@@ -291,12 +258,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 bar.refresh()
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-                record = window.summary()
-                record.update(
-                    lr=schedule[state.step - 1], samples=state.samples, minutes=clock.seconds() / 60
-                )
-                logger.log(state.step, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+                _log_window(window, logger, bar, state, lr=schedule[state.step - 1], clock=clock)
                 window = Window()
 
             done = state.step >= cfg.train.max_steps or _out_of_time(clock, cfg, dist_info)
@@ -321,6 +283,22 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     logger.close()
     cleanup()
     return result
+
+
+def _log_window(
+    window: Window,
+    logger: MetricsLogger | NullLogger,
+    bar: tqdm,
+    state: TrainState,
+    *,
+    lr: float,
+    clock: Clock,
+) -> None:
+    """One metrics line: the window's averages and throughput, the LR, samples and minutes."""
+    record = window.summary()
+    record.update(lr=lr, samples=state.samples, minutes=clock.seconds() / 60)
+    logger.log(state.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
 
 
 def _prepare_run_folder(cfg: RunConfig, dist_info: DistInfo) -> Path:

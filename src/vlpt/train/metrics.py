@@ -1,4 +1,5 @@
-"""Where numbers go: JSONL (always), TensorBoard (optional), W&B (optional). Rank 0 only."""
+"""Where numbers go: JSONL (always), TensorBoard (optional), W&B (optional), rank 0 only; and
+the training clock and per-log-line window of averages the loop fills them from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gc
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,36 @@ def release_free_heap() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class Clock:
+    """Training seconds so far: carried over from the checkpoint, minus time spent evaluating."""
+
+    def __init__(self, carried: float = 0.0) -> None:
+        self.started = time.monotonic() - carried
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
+
+
+class Window:
+    """Metrics averaged over the steps since the last log line, with their throughput."""
+
+    def __init__(self) -> None:
+        self.sums: Counter = Counter()
+        self.steps, self.samples, self.clock = 0, 0, Clock()
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        self.sums.update(metrics)
+        self.steps += 1
+        self.samples += samples
+
+    def summary(self) -> dict[str, float]:
+        return {
+            **{k: v / self.steps for k, v in self.sums.items()},
+            "samples_per_s": self.samples / max(self.clock.seconds(), 1e-9),
+            "memory/rss_mb": resident_memory_mb(),
+        }
