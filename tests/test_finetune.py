@@ -4,6 +4,7 @@ pretraining checkpoint (frozen towers, layer-wise LR decay) and its bad inputs."
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from vlpt.cli import main
 from vlpt.config import ConfigError, load_config
 from vlpt.models import build_model, caption_images, get_tokenizer
+from vlpt.models.generation import generate
 from vlpt.objectives import Captioning, ModelWithObjectives, build_objectives
 from vlpt.train.checkpoint import load_trained_model
 from vlpt.train.finetune import load_init_weights
@@ -171,6 +173,46 @@ def test_caption_finetune_from_a_pretraining_checkpoint_with_frozen_vision(
     assert torch.equal(
         model.decoder.blocks[0].mlp_fc.weight, after["decoder.blocks.0.mlp_fc.weight"]
     )
+
+
+def test_caption_vocabulary_of_the_training_captions_is_saved_and_carried_on(
+    synth_world, pretrained, tmp_path, capsys
+):
+    out = tmp_path / "caption-vocab"
+    vocab = "objectives.caption.vocabulary=train"
+    assert (
+        main(
+            ["finetune", CAPTION_CONFIG, *_finetune_overrides(synth_world, out, pretrained, vocab)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("vlpt: caption vocabulary:"))
+    tokenizer = get_tokenizer(MICRO_CAPTION)
+    words = {w for path in (synth_world / "train").glob("*.tar") for w in _caption_words(path)}
+    expected = sorted(tokenizer.token_ids(sorted(words)) - {0})
+    assert line.startswith(f"vlpt: caption vocabulary: {len(expected)} tokens")
+    saved = load_file(out / "checkpoints/step_00000003/model.safetensors")["decoder.output_tokens"]
+    assert saved.tolist() == expected
+
+    model, _ = load_trained_model(out)  # built with the whole vocabulary, then the saved one
+    _, visual = model.encode_image_with_tokens(torch.randn(4, 3, 32, 32))
+    special = {"sot_id": tokenizer.sot_id, "eot_id": tokenizer.eot_id}
+    tokens = generate(model.caption_decoder(), visual, max_new_tokens=8, **special)
+    generated = set(tokens[:, 1:].flatten().tolist()) - {0}
+    assert generated and generated <= set(expected)
+
+    # A fine-tune from it keeps the vocabulary (vocabulary=model, the default).
+    again = tmp_path / "again"
+    assert main(["finetune", CAPTION_CONFIG, *_finetune_overrides(synth_world, again, out)]) == 0
+    model, _ = load_trained_model(again)
+    assert model.caption_decoder().output_tokens.tolist() == expected
+
+
+def _caption_words(shard: Path) -> set[str]:
+    with tarfile.open(shard) as tar:
+        texts = [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+    return {word for text in texts for word in text.split()}
 
 
 def test_retrieval_finetune_trains_the_towers_and_resumes(

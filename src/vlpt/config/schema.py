@@ -253,6 +253,22 @@ class CaptionConfig(_Strict):
     """Train with this objective (the model needs a caption decoder: "decoder_cfg")."""
     weight: float = 1.0
     """Weight of `loss/caption` in the total (CoCa uses 2 beside a contrastive weight of 1)."""
+    vocabulary: Literal["model", "train"] = "model"
+    """Tokens the decoder predicts. `model`: its own (the tokenizer's whole vocabulary, 49,408
+    tokens, or the output vocabulary of the `init` checkpoint). `train`: the tokens of the
+    training captions (of the first `vocabulary_samples` samples of each data.train source,
+    read before training), as COCO captioning models predict over their training split's
+    words; the vocabulary head, half of a tiny decoder's step at 49,408, then costs almost
+    nothing. Saved with the weights: generation later predicts over it too."""
+    vocabulary_samples: int = 200_000
+    """`vocabulary=train`: samples read per training source to collect the vocabulary."""
+
+    @field_validator("vocabulary_samples")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
 
 
 class ObjectivesConfig(_Strict):

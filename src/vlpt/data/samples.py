@@ -169,7 +169,7 @@ def _check(
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         return _check_video(raw)
-    captions = _captions(raw.get("txt"))
+    captions = caption_lines(raw.get("txt"))
     if isinstance(captions, SkipReason):
         return captions
     if not image_bytes:
@@ -182,7 +182,7 @@ def _check_video(raw: dict[str, Any]) -> VideoSample | SkipReason:
     ext = next((ext for ext in VIDEO_EXTENSIONS if ext in raw), None)
     if ext is None:
         return SkipReason.MISSING_IMAGE
-    captions = _captions(raw.get("txt"))
+    captions = caption_lines(raw.get("txt"))
     if isinstance(captions, SkipReason):
         return captions
     if not raw[ext]:
@@ -192,7 +192,7 @@ def _check_video(raw: dict[str, Any]) -> VideoSample | SkipReason:
     )
 
 
-def _captions(text: bytes | None) -> list[str] | SkipReason:
+def caption_lines(text: bytes | None) -> list[str] | SkipReason:
     """Non-empty stripped lines of the txt file, or why there are none."""
     if text is None:
         return SkipReason.MISSING_CAPTION

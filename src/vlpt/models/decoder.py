@@ -13,12 +13,20 @@ through `init_cache` / `step`, which keep the self-attention keys/values of the 
 so far and compute the cross-attention keys/values of the visual tokens once per sequence.
 
 Tokens follow the project tokenizer's layout: `[SOT, w1, ..., wn, EOT, 0, 0, ...]`, padded with 0.
+
+A decoder may predict only a subset of the tokenizer's vocabulary, its *output vocabulary*
+(`set_output_vocabulary`: e.g. the tokens of the training captions, as captioning models built
+on COCO use a vocabulary of the training split). The logits then cover that subset only
+(`vocab_logits`, `vocab_index`: what training uses), and `forward` / `step` give every other
+token -inf, so generation works on token ids as before. The subset is the buffer
+`output_tokens` (sorted token ids; empty = the whole vocabulary), saved with the weights; a
+state dict with another subset, or none (older checkpoints), loads into any decoder.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
@@ -221,6 +229,8 @@ class CaptionDecoder(nn.Module):
             DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
         )
         self.ln_final = nn.LayerNorm(cfg.width)
+        self.output_tokens: torch.Tensor
+        self.register_buffer("output_tokens", torch.empty(0, dtype=torch.long))
         # Tied: the logits read the token table itself, so the state dict names that tensor
         # once (safetensors refuses two names for one tensor).
         self.output_projection: nn.Linear | None = None
@@ -234,14 +244,65 @@ class CaptionDecoder(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """(V, width) vocabulary projection: the token table when tied."""
-        if self.output_projection is None:
-            return self.token_embedding.weight
-        return self.output_projection.weight
+        """(V, width) projection onto the output vocabulary: rows of the token table when tied."""
+        weight = (
+            self.token_embedding.weight
+            if self.output_projection is None
+            else self.output_projection.weight
+        )
+        return weight.index_select(0, self.output_tokens) if self.restricted else weight
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the decoder predicts a subset of the vocabulary (`output_tokens`)."""
+        return self.output_tokens.numel() > 0
+
+    @torch.no_grad()
+    def set_output_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Predict only `token_ids` (the end token must be among them), or, with None, the
+        whole vocabulary again. The weights are unchanged: tied rows keep their embeddings."""
+        if token_ids is None:
+            ids = torch.empty(0, dtype=torch.long)
+        else:
+            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted
+            if not len(ids):
+                raise ValueError("an output vocabulary needs at least one token.")
+            if int(ids[0]) < 0 or int(ids[-1]) >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"output vocabulary token ids must lie in [0, {self.cfg.vocab_size}), "
+                    f"got {int(ids[0])}..{int(ids[-1])}."
+                )
+        self.output_tokens = ids.to(self.token_embedding.weight.device)
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., width) -> logits over the output vocabulary (..., V')."""
+        return F.linear(self.ln_final(hidden), self.output_weight)
+
+    def vocab_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their columns in `vocab_logits`; -1 for tokens outside the output
+        vocabulary (the ignore index of the caption loss)."""
+        if not self.restricted:
+            return token_ids
+        vocab = self.output_tokens
+        index = torch.searchsorted(vocab, token_ids).clamp(max=len(vocab) - 1)
+        return torch.where(vocab[index] == token_ids, index, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., width) -> vocabulary logits (..., V)."""
-        return F.linear(self.ln_final(hidden), self.output_weight)
+        """Hidden states (..., width) -> logits over the whole vocabulary (..., vocab_size);
+        tokens outside the output vocabulary get -inf."""
+        logits = self.vocab_logits(hidden)
+        if not self.restricted:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.output_tokens, logits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # The output vocabulary is data, not architecture: take the saved one's size (none
+        # saved, as in checkpoints from before it existed: the whole vocabulary).
+        key = prefix + "output_tokens"
+        saved = state_dict.setdefault(key, torch.empty(0, dtype=torch.long))
+        self.output_tokens = torch.empty_like(saved, device=self.output_tokens.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -55,6 +55,13 @@ class Tokenizer:
             out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return out
 
+    def token_ids(self, texts: list[str]) -> set[int]:
+        """Every token id `texts` encode to (not truncated), with the start and end tokens."""
+        ids = {self.sot_id, self.eot_id}
+        for text in texts:
+            ids.update(self._bpe.encode(text))
+        return ids
+
     def decode(self, tokens: torch.Tensor) -> str:
         """Token ids (1-D) back to text, without the start/end markers and padding."""
         ids = [int(t) for t in tokens if int(t) not in (0, self.sot_id, self.eot_id)]

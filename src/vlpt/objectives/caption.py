@@ -31,17 +31,21 @@ class Captioning(nn.Module):
         tokens = batch["text"]  # (B, L): [SOT, words, EOT, 0...]
         hidden = decoder.hidden_states(tokens, outputs["visual_tokens"])  # (B, L, W)
         # Position i predicts token i + 1; the vocabulary projection runs only where that
-        # token is not padding (the positions `caption_loss` counts).
+        # token is not padding (the positions `caption_loss` counts), and over the decoder's
+        # output vocabulary only (a caption vocabulary makes the head ~0 cost instead of half
+        # of the step; tokens outside it, index -1, are not trained).
         targets = tokens[:, 1:]
         real = targets != decoder.cfg.pad_id  # (B, L - 1)
-        logits = decoder.logits(hidden[:, :-1][real])  # (n, V)
-        target = targets[real]
+        logits = decoder.vocab_logits(hidden[:, :-1][real])  # (n, V')
+        target = decoder.vocab_index(targets[real])
         # Cross-entropy in the autocast dtype (bf16), not fp32 as the contrastive losses: an fp32
         # copy of the (n, 49408) logits and its log-softmax doubled the cost of the vocabulary
         # head, half of a caption step on CPU (docs/architecture.md). The
         # gradient agrees with fp32 to bf16 precision; the logged loss is within ~1%.
-        loss = F.cross_entropy(logits, target).float()
+        loss = F.cross_entropy(logits, target, ignore_index=-1).float()
         with torch.no_grad():  # amax, not argmax: argmax over bf16 rows is ~20x slower on CPU
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            accuracy = (target_logit >= logits.amax(dim=-1)).float().mean()
+            known = target >= 0  # the end token always is: no batch is without targets
+            target_logit = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
+            right = (target_logit >= logits.amax(dim=-1)) & known
+            accuracy = right.sum() / known.sum().clamp(min=1)
         return {"loss/caption": self.weight * loss, "caption/token_acc": accuracy.detach()}

@@ -24,6 +24,9 @@ from vlpt.train.checkpoint import CheckpointError, checkpoint_folder
 # the heads a fine-tune adds (a caption decoder on a contrastive checkpoint), a temporal module
 # added for clips, and SigLIP's bias (open_clip's CLIP checkpoints have none).
 FRESH_PARTS = ("decoder", "fusion", "mae_decoder", "temporal", "logit_bias")
+# Tensors whose size is data, not architecture: the caption decoder's output vocabulary (token
+# ids) takes the size `init` gives it.
+DATA_SIZED = ("decoder.output_tokens",)
 
 
 class InitReport(NamedTuple):
@@ -73,7 +76,7 @@ def load_init_weights(model: VisionLanguageModel, init: str | Path) -> InitRepor
     resize_pos_embed(state, model)  # a checkpoint trained at another resolution still loads
     own = model.state_dict()
     for key, tensor in own.items():
-        if key in state and state[key].shape != tensor.shape:
+        if key in state and state[key].shape != tensor.shape and key not in DATA_SIZED:
             raise WeightsError(
                 f"init '{init}' does not fit model: '{key}' has shape {tuple(state[key].shape)}, "
                 f"the model's {tuple(tensor.shape)}; check that model.name matches it."
