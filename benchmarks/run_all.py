@@ -23,6 +23,7 @@ QUICK = (
     "loader_speed.py",
     "video_decode.py",
     "generation_speed.py",
+    "generation_speed.py --vocabulary data/synthetic/train",  # the shipped caption decoder's
     "generation_speed.py --decoder coca-base",
 )
 
