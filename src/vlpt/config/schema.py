@@ -47,6 +47,13 @@ def _below_one(v: float) -> float:
     return v
 
 
+def _at_least_one(v: int) -> int:
+    """A count that must be positive (frames, steps, samples)."""
+    if v < 1:
+        raise ValueError("must be >= 1")
+    return v
+
+
 def _as_sources(v: Any) -> Any:
     """Accept `"pattern"`, `["p1", "p2"]`, `[{"url": .., "weight": ..}]` or `"p1::p2"`."""
     if v is None:
@@ -115,12 +122,7 @@ class DataConfig(_Strict):
             raise ValueError("must be >= 0")
         return v
 
-    @field_validator("num_frames")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    _frames = field_validator("num_frames")(classmethod(lambda cls, v: _at_least_one(v)))
 
     @field_validator("frames_curriculum")
     @classmethod
@@ -263,12 +265,7 @@ class CaptionConfig(_Strict):
     vocabulary_samples: int = 200_000
     """`vocabulary=train`: samples read per training source to collect the vocabulary."""
 
-    @field_validator("vocabulary_samples")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    _samples = field_validator("vocabulary_samples")(classmethod(lambda cls, v: _at_least_one(v)))
 
 
 class ObjectivesConfig(_Strict):
@@ -367,12 +364,9 @@ class TrainConfig(_Strict):
     wandb: bool = False
     """Log to Weights & Biases (needs `pip install wandb` and a login)."""
 
-    @field_validator("batch_size", "accum_steps", "max_steps")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    _counts = field_validator("batch_size", "accum_steps", "max_steps")(
+        classmethod(lambda cls, v: _at_least_one(v))
+    )
 
 
 class EvalConfig(_Strict):
