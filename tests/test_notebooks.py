@@ -25,7 +25,11 @@ def test_notebook_is_stored_without_outputs(path: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path: Path):
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The kernel's temporary folders go under tmp_path: a notebook that works in one must
+    # remove it at the end (a leak here filled the CI machine's disk, ~360 MB a run).
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("VLPT_NOTEBOOK_DIR", raising=False)
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,
@@ -34,3 +38,5 @@ def test_notebook_runs(path: Path):
         resources={"metadata": {"path": str(path.parent)}},  # the notebook's folder as cwd
     )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on an error
+    left = sorted(p.name for p in tmp_path.glob("vlpt-*"))
+    assert not left, f"{path.name} left its working folders behind: {left}"
