@@ -291,6 +291,14 @@ class FinetuneConfig(_Strict):
     tower trains at `train.lr * layer_decay`, each block below at one more factor, the
     embeddings at `layer_decay ** (layers + 1)`; the heads, the towers' final norm and
     projection and the temperature at `train.lr`. 1.0 = one learning rate for all."""
+    decoder_init: Literal["", "text", "fusion"] = ""
+    """Start a caption decoder that `init` lacks from `init`'s own towers instead of random
+    init: `text` copies the text tower into the decoder's blocks (CoCa: the decoder's lower
+    layers are the text tower), `fusion` the text tower and, above it, a masked run's fusion
+    encoder (BLIP starts its decoder from its fusion encoder), which already ties caption words
+    to image tokens. The decoder must have one block per copied block (`decoder_cfg.layers`,
+    and `mid_norm` = text blocks for `fusion`: model `tiny-conv-masked-caption` fits
+    `tiny-conv-masked`). "" = random init. A decoder that `init` has is loaded as it is."""
 
     @field_validator("freeze")
     @classmethod

@@ -58,6 +58,11 @@ class DecoderConfig:
     49408 an untied projection would be the largest matrix of a small decoder."""
     pad_id: int = 0
     """Token id of padding (the project tokenizer pads with 0); ignored by `caption_loss`."""
+    mid_norm: int = 0
+    """A LayerNorm after this many blocks (0 = none). CoCa's layout: the lower blocks are a text
+    tower, which ends in its final norm, and the blocks above read its normalised states; a
+    decoder started from a text tower and a fusion encoder (`finetune.decoder_init: fusion`)
+    puts the tower's final norm here."""
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> DecoderConfig:
@@ -78,6 +83,11 @@ class DecoderConfig:
         if self.width % self.heads:
             raise ValueError(
                 f"decoder_cfg.width ({self.width}) must be divisible by heads ({self.heads})."
+            )
+        if not 0 <= self.mid_norm < self.layers:
+            raise ValueError(
+                f"decoder_cfg.mid_norm ({self.mid_norm}) must lie in [0, layers) = "
+                f"[0, {self.layers}): the number of blocks below the middle norm."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +218,8 @@ class DecoderBlock(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """Token + learned position embeddings, `layers` decoder blocks, final LN, vocabulary logits.
+    """Token + learned position embeddings, `layers` decoder blocks (with a LayerNorm after the
+    first `mid_norm` of them, if set), final LN, vocabulary logits.
 
     Visual tokens (B, N, visual_width) — e.g. the vision tower's patch tokens — are layer-normed
     and projected to the decoder width once, then every block cross-attends to them.
@@ -228,6 +239,7 @@ class CaptionDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
         )
+        self.ln_mid = nn.LayerNorm(cfg.width) if cfg.mid_norm else None
         self.ln_final = nn.LayerNorm(cfg.width)
         self.output_tokens: torch.Tensor
         self.register_buffer("output_tokens", torch.empty(0, dtype=torch.long))
@@ -356,9 +368,13 @@ class CaptionDecoder(nn.Module):
         self._check_length(tokens.shape[1])
         memory = self.encode_visual(visual_tokens)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        for block in self._blocks():
-            x = block(x, block.cross_attn.keys_values(memory))
+        for i, block in enumerate(self._blocks()):
+            x = self._mid(i, block(x, block.cross_attn.keys_values(memory)))
         return x
+
+    def _mid(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The states after block i, through the middle norm when it sits there."""
+        return self.ln_mid(x) if self.ln_mid is not None and i + 1 == self.cfg.mid_norm else x
 
     @torch.no_grad()
     def init_cache(self, visual_tokens: torch.Tensor, max_length: int | None = None) -> KVCache:
@@ -391,7 +407,7 @@ class CaptionDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[start : start + t]
         for i, block in enumerate(self.blocks):
             self_kv = (cache.self_keys[i], cache.self_values[i])
-            x = block(x, (cache.cross_keys[i], cache.cross_values[i]), self_kv, start)
+            x = self._mid(i, block(x, (cache.cross_keys[i], cache.cross_values[i]), self_kv, start))
         cache.length = start + t
         return self.logits(x)
 

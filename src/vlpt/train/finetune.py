@@ -17,6 +17,7 @@ from torch import nn
 
 from vlpt.config import ConfigError, RunConfig
 from vlpt.models import VisionLanguageModel, WeightsError
+from vlpt.models.decoder_init import decoder_state_from_towers
 from vlpt.models.weights import read_state_dict
 from vlpt.train.checkpoint import CheckpointError, checkpoint_folder
 
@@ -34,6 +35,8 @@ class InitReport(NamedTuple):
     """Parts of the model not in `init`, left at their random init (e.g. `decoder`)."""
     ignored: list[str]
     """Parts of `init` the model has no place for (e.g. a `fusion` head), not loaded."""
+    derived: str = ""
+    """What of `init` the caption decoder was built from (`finetune.decoder_init`), if it was."""
 
 
 def finetune(cfg: RunConfig) -> dict[str, Any]:
@@ -67,14 +70,18 @@ def init_weights_file(init: str | Path) -> Path:
     return checkpoint_folder(path) / "model.safetensors" if path.is_dir() else path
 
 
-def load_init_weights(model: VisionLanguageModel, init: str | Path) -> InitReport:
+def load_init_weights(
+    model: VisionLanguageModel, init: str | Path, decoder_init: str = ""
+) -> InitReport:
     """Load `init` (vlpt or open_clip names) into `model`, leaving `FRESH_PARTS` it lacks at
-    their random init. A tower tensor it lacks, or any tensor of another shape, is a
-    WeightsError naming the tensor."""
+    their random init; with `decoder_init` ("text" or "fusion"), a caption decoder it lacks
+    starts from its towers instead (`vlpt.models.decoder_init`). A tower tensor it lacks, or
+    any tensor of another shape, is a WeightsError naming the tensor."""
     file = init_weights_file(init)
     state = convert_to_custom_text_state_dict(read_state_dict(file))
     resize_pos_embed(state, model)  # a checkpoint trained at another resolution still loads
     own = model.state_dict()
+    derived = _derive_decoder(model, state, decoder_init, init) if decoder_init else ""
     for key, tensor in own.items():
         if key in state and state[key].shape != tensor.shape and key not in DATA_SIZED:
             raise WeightsError(
@@ -88,9 +95,31 @@ def load_init_weights(model: VisionLanguageModel, init: str | Path) -> InitRepor
             )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return InitReport(
-        fresh=sorted({_part(k) for k in own if k not in state}),
+        fresh=sorted({_part(k) for k in own if k not in state and k not in DATA_SIZED}),
         ignored=sorted({_part(k) for k in state if k not in own}),
+        derived=derived,
     )
+
+
+def _derive_decoder(
+    model: VisionLanguageModel, state: dict[str, Any], source: str, init: str | Path
+) -> str:
+    """Add `decoder.*` tensors built from `state`'s towers when `state` has no decoder; the
+    console phrase for it ("" when `init` brings its own decoder)."""
+    decoder = model.decoder
+    if decoder is None:
+        raise WeightsError(
+            f"finetune.decoder_init={source} needs a model with a caption decoder "
+            "(decoder_cfg in its registry config), e.g. tiny-conv-masked-caption."
+        )
+    if any(key.startswith("decoder.") and key not in DATA_SIZED for key in state):
+        return ""
+    try:
+        built = decoder_state_from_towers(state, decoder.state_dict(), decoder.cfg, source)
+    except ValueError as error:
+        raise WeightsError(f"init '{init}': {error}") from None
+    state.update({f"decoder.{k}": v for k, v in built.items() if f"decoder.{k}" not in DATA_SIZED})
+    return "text tower" + (" and fusion encoder" if source == "fusion" else "")
 
 
 def _part(key: str) -> str:
@@ -102,6 +131,8 @@ def describe_init(init: str, report: InitReport) -> str:
     line = f"vlpt: initialised from {init}"
     if report.fresh:
         line += f"; not in it, freshly initialised: {', '.join(report.fresh)}"
+    if report.derived:
+        line += f"; caption decoder built from its {report.derived}"
     if report.ignored:
         line += f"; in it but not in this model, ignored: {', '.join(report.ignored)}"
     return line

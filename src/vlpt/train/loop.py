@@ -159,7 +159,7 @@ def _build(
     torch.manual_seed(cfg.train.seed)
     model = model_from_config(cfg.model)
     if cfg.init:  # fine-tuning: trained weights; a resumed checkpoint overwrites them later
-        report = load_init_weights(model, cfg.init)
+        report = load_init_weights(model, cfg.init, cfg.finetune.decoder_init)
         if dist_info.is_main:
             print(describe_init(cfg.init, report))
     freeze_towers(model, cfg.finetune.freeze)
