@@ -1,7 +1,7 @@
 """Fine-tuning on the synthetic world: captioning, and retrieval on a held-out domain.
 
-(a) caption: `vlpt finetune configs/finetune/synthetic-caption-tiny.yaml init=CKPT` (a fresh
-    caption decoder on the pretrained towers), then `vlpt eval caption` on val and test images
+(a) caption: `vlpt finetune configs/finetune/synthetic-caption-tiny.yaml init=CKPT` (a caption
+    decoder started from a masked run's text tower and fusion encoder), then `vlpt eval caption` on val and test images
     (test: colour-shape pairs never seen in training) and, with `--video`, on video val clips.
 (b) retrieval: `vlpt eval retrieval` of the pretrained checkpoint on the `novel` domain's val
     split (shapes and backgrounds pretraining never showed: its zero-shot recall), then
@@ -9,7 +9,9 @@
     train split, and the same evaluation of the result.
 
     vlpt data synth data/synthetic && vlpt pretrain configs/pretrain/synthetic-tiny.yaml
-    .venv/bin/python benchmarks/finetune_synthetic.py [--init runs/synthetic-tiny] [--only caption]
+    vlpt pretrain configs/pretrain/synthetic-tiny-masked.yaml     # the caption init
+    .venv/bin/python benchmarks/finetune_synthetic.py [--init runs/synthetic-tiny] \
+        [--caption-init runs/synthetic-tiny-masked] [--only caption]
 
 Writes the `novel` domain to data/synthetic-novel first when it is missing. The runs go to
 OUT/{caption,retrieval}/ (default runs/bench-finetune; resume=auto: an interrupted benchmark
@@ -61,7 +63,8 @@ def evaluate(kind: str, checkpoint: str | Path, data: Path, max_items: int) -> d
 
 
 def caption_benchmark(args: argparse.Namespace) -> dict:
-    report, run = finetune("caption", args.init, args.out, args.caption_steps, args.overrides)
+    steps, extra = args.caption_steps, args.overrides
+    report, run = finetune("caption", args.caption_init, args.out, steps, extra)
     result: dict = {"steps": report["step"], "train_minutes": report["train_minutes"]}
     splits = {"val": DATA / "val", "test": DATA / "test"}
     if args.video:
@@ -103,7 +106,12 @@ def targets(report: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--init", default="runs/synthetic-tiny", help="pretrained checkpoint")
+    parser.add_argument("--init", default="runs/synthetic-tiny", help="retrieval: pretrained")
+    parser.add_argument(
+        "--caption-init",
+        default="runs/synthetic-tiny-masked",
+        help="caption: a masked run (its text tower and fusion encoder start the decoder)",
+    )
     parser.add_argument("--only", choices=sorted(CONFIGS), help="run one of the two")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench-finetune")
     parser.add_argument("--caption-steps", type=int, default=0, help="0 = the config's")
@@ -123,6 +131,7 @@ def main() -> None:
     report["targets"] = targets(report)
     report["settings"] = {
         "init": args.init,
+        "caption_init": args.caption_init,
         "configs": {t: str(CONFIGS[t].relative_to(ROOT)) for t in tasks},
         "caption_steps": args.caption_steps or "config",
         "retrieval_steps": args.retrieval_steps or "config",

@@ -1,14 +1,16 @@
 """Greedy caption generation with and without the KV cache: tokens per second, same outputs.
 
-    python benchmarks/generation_speed.py [--decoder tiny|coca-base] [--threads 2] [--batch 16]
+    python benchmarks/generation_speed.py [--decoder tiny-masked|tiny|coca-base] [--threads 2]
+                                          [--batch 16]
                                           [--new-tokens 32] [--device cpu]
                                           [--vocabulary data/synthetic/train]
 
 A randomly initialised caption decoder generates exactly `--new-tokens` tokens per caption
 (`min_new_tokens` forbids an early end, so both paths do the same work).
-`--decoder tiny` (default) is the shipped `tiny-conv-caption` decoder: width 192, 4 layers,
-3 heads, context 40, open_clip's 49408-token vocabulary, reading 65 visual tokens of width 192
-(the tiny ViT's 64 patches + class token). `--decoder coca-base` is the multimodal decoder of
+`--decoder tiny-masked` (default) is the shipped caption config's `tiny-conv-masked-caption`
+decoder: width 192, 6 layers (a norm after the 4th), 3 heads, context 40, open_clip's
+49408-token vocabulary, reading 65 visual tokens of width 192 (the tiny ViT's 64 patches + class
+token); `--decoder tiny` is `tiny-conv-caption`'s, the same with 4 layers. `--decoder coca-base` is the multimodal decoder of
 open_clip's `coca_ViT-B-32` (width 512, 12 layers, 8 heads, context 76) reading ViT-B/32's 50
 visual tokens of width 768: the size at which CoCa users caption. The uncached path
 recomputes the whole prefix every step but projects only the last position to the vocabulary.
@@ -35,16 +37,25 @@ import torch
 
 from vlpt.config import Source
 from vlpt.data.vocabulary import caption_vocabulary
-from vlpt.models import get_tokenizer
+from vlpt.models import get_model_config, get_tokenizer
 from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.generation import generate
 
+
+def registry_decoder(name: str) -> tuple[dict, int]:
+    """A registered model's caption decoder config, sized as the model builds it, and the
+    number of visual tokens its vision tower gives an image (patches + class token)."""
+    cfg = get_model_config(name)
+    text, vision = cfg["text_cfg"], cfg["vision_cfg"]
+    sizes = {"context_length": text["context_length"], "visual_width": vision["width"]}
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    return {"width": text["width"], **sizes, **cfg["decoder_cfg"]}, tokens
+
+
 # name -> (decoder_cfg, visual tokens per image)
 DECODERS = {
-    "tiny": (
-        {"width": 192, "layers": 4, "heads": 3, "context_length": 40, "visual_width": 192},
-        65,
-    ),
+    "tiny-masked": registry_decoder("tiny-conv-masked-caption"),
+    "tiny": registry_decoder("tiny-conv-caption"),
     "coca-base": (
         {"width": 512, "layers": 12, "heads": 8, "context_length": 76, "visual_width": 768},
         50,
@@ -83,7 +94,7 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--decoder", choices=sorted(DECODERS), default="tiny")
+    parser.add_argument("--decoder", choices=sorted(DECODERS), default="tiny-masked")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)

@@ -43,6 +43,16 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((path / "version.json").read_text())["vlpt"]
 
 
+def test_a_checkpoint_of_another_architecture_is_one_clear_error(tmp_path):
+    cfg, model, opt = _setup()
+    path = ckpt.save_checkpoint(
+        tmp_path, 3, model, opt, {"step": 3, "samples": 6}, dump_config(cfg)
+    )
+    other = build_model("tiny-conv")  # the run folder now meets another model.name
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000003' holds another architecture"):
+        ckpt.load_checkpoint(path, other, None)
+
+
 def test_rng_state_is_restored(tmp_path):
     cfg, model, opt = _setup()
     torch.manual_seed(5)

@@ -142,6 +142,7 @@ def _finetune_overrides(world: Path, out: Path, init: Path, *extra: str) -> list
         out,
         f"init={init}",
         f"model.name={MICRO_CAPTION}",
+        "finetune.decoder_init=",  # a contrastive init has no fusion encoder to start from
         "train.max_steps=3",
         "train.batch_size=16",
         "eval.max_items=10",

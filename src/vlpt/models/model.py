@@ -133,7 +133,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(
                 "this checkpoint has no caption decoder (decoder_cfg); fine-tune one with "
                 "`vlpt finetune configs/finetune/synthetic-caption-tiny.yaml init=CHECKPOINT` "
-                '(model tiny-conv-caption), or use a model whose JSON has "decoder_cfg".'
+                '(model tiny-conv-masked-caption), or use a model whose JSON has "decoder_cfg".'
             )
         return self.decoder
 

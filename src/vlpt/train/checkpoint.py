@@ -165,7 +165,14 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint '{path}' is incomplete (needs {', '.join(REQUIRED_FILES)})."
         )
-    model.load_state_dict(load_weights(path))
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as error:  # torch lists every key; the first line says enough
+        raise CheckpointError(
+            f"checkpoint '{path}' holds another architecture than this run's model "
+            f"({str(error).splitlines()[0].rstrip(':. ')}); resume it with the model.name it "
+            "was trained with, or give this run another output_dir."
+        ) from None
     if optimizer is not None:
         optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -8,6 +8,7 @@ loop, run folder, checkpoints, logging and `resume=auto`. Task configs live in c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ from torch import nn
 from vlpt.config import ConfigError, RunConfig
 from vlpt.models import VisionLanguageModel, WeightsError
 from vlpt.models.decoder_init import decoder_state_from_towers
+from vlpt.models.fusion import FusionConfig
 from vlpt.models.weights import read_state_dict
 from vlpt.train.checkpoint import CheckpointError, checkpoint_folder
 
@@ -52,8 +54,8 @@ def require_init(cfg: RunConfig) -> None:
     if not cfg.init:
         raise ConfigError(
             "vlpt finetune needs init=CHECKPOINT, the weights to start from (a checkpoint "
-            "folder, a run folder or a weights file), e.g. "
-            "init=runs/synthetic-tiny/checkpoints/step_00000560."
+            "folder, a run folder or a weights file), e.g. init=runs/synthetic-tiny (the "
+            "caption config starts from a masked run: init=runs/synthetic-tiny-masked)."
         )
     init_weights_file(cfg.init)
 
@@ -75,51 +77,79 @@ def load_init_weights(
 ) -> InitReport:
     """Load `init` (vlpt or open_clip names) into `model`, leaving `FRESH_PARTS` it lacks at
     their random init; with `decoder_init` ("text" or "fusion"), a caption decoder it lacks
-    starts from its towers instead (`vlpt.models.decoder_init`). A tower tensor it lacks, or
-    any tensor of another shape, is a WeightsError naming the tensor."""
+    starts from its towers instead (`vlpt.models.decoder_init`). A tower tensor it lacks, a
+    part it has only some tensors of, or any tensor of another shape, is a WeightsError
+    naming the tensor."""
     file = init_weights_file(init)
     state = convert_to_custom_text_state_dict(read_state_dict(file))
     resize_pos_embed(state, model)  # a checkpoint trained at another resolution still loads
     own = model.state_dict()
-    derived = _derive_decoder(model, state, decoder_init, init) if decoder_init else ""
     for key, tensor in own.items():
         if key in state and state[key].shape != tensor.shape and key not in DATA_SIZED:
             raise WeightsError(
                 f"init '{init}' does not fit model: '{key}' has shape {tuple(state[key].shape)}, "
                 f"the model's {tuple(tensor.shape)}; check that model.name matches it."
             )
+        if key not in state and key not in DATA_SIZED and _part(key) in _parts_in(state):
+            raise WeightsError(
+                f"init '{init}' has only part of the model's '{_part(key)}': it has no '{key}'; "
+                "check that model.name matches the checkpoint's architecture."
+            )
         if key not in state and _part(key) not in FRESH_PARTS:
             raise WeightsError(
                 f"init '{init}' does not fit model: it has no '{key}'; check that model.name "
                 "matches the checkpoint's architecture."
             )
+    derived = ""
+    if decoder_init and "decoder" not in _parts_in(state):
+        derived = _derive_decoder(model, state, decoder_init, file)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    used = {"fusion"} if derived.endswith("fusion encoder") else set()
     return InitReport(
         fresh=sorted({_part(k) for k in own if k not in state and k not in DATA_SIZED}),
-        ignored=sorted({_part(k) for k in state if k not in own}),
+        ignored=sorted({_part(k) for k in state if k not in own} - used),
         derived=derived,
     )
 
 
+def _parts_in(state: dict[str, Any]) -> set[str]:
+    """The model parts `state` holds tensors of (data-sized buffers alone do not count)."""
+    return {_part(k) for k in state if k not in DATA_SIZED}
+
+
 def _derive_decoder(
-    model: VisionLanguageModel, state: dict[str, Any], source: str, init: str | Path
+    model: VisionLanguageModel, state: dict[str, Any], source: str, file: Path
 ) -> str:
-    """Add `decoder.*` tensors built from `state`'s towers when `state` has no decoder; the
-    console phrase for it ("" when `init` brings its own decoder)."""
+    """Add `decoder.*` tensors built from `state`'s towers to `state`; the console phrase."""
     decoder = model.decoder
     if decoder is None:
         raise WeightsError(
             f"finetune.decoder_init={source} needs a model with a caption decoder "
             "(decoder_cfg in its registry config), e.g. tiny-conv-masked-caption."
         )
-    if any(key.startswith("decoder.") and key not in DATA_SIZED for key in state):
-        return ""
+    if model.text.attn_mask is None:
+        raise WeightsError(
+            f"finetune.decoder_init={source}: the text tower attends both ways (no causal "
+            "mask), so it cannot start a decoder that must not see the words ahead."
+        )
+    heads = {"text": model.text.heads, "fusion": _saved_fusion_heads(file)}
     try:
-        built = decoder_state_from_towers(state, decoder.state_dict(), decoder.cfg, source)
+        built = decoder_state_from_towers(state, decoder.state_dict(), decoder.cfg, source, heads)
     except ValueError as error:
-        raise WeightsError(f"init '{init}': {error}") from None
+        raise WeightsError(f"init '{file}': {error}") from None
     state.update({f"decoder.{k}": v for k, v in built.items() if f"decoder.{k}" not in DATA_SIZED})
     return "text tower" + (" and fusion encoder" if source == "fusion" else "")
+
+
+def _saved_fusion_heads(file: Path) -> int | None:
+    """The fusion encoder's head count from the architecture JSON saved beside the weights (a
+    vlpt checkpoint's model.json); None when there is none to read."""
+    saved = file.parent / "model.json"
+    try:
+        fusion = json.loads(saved.read_text()).get("fusion_cfg")
+    except (OSError, ValueError):
+        return None
+    return FusionConfig.from_dict(fusion).heads if isinstance(fusion, dict) else None
 
 
 def _part(key: str) -> str:
