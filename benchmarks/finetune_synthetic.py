@@ -1,8 +1,9 @@
 """Fine-tuning on the synthetic world: captioning, and retrieval on a held-out domain.
 
 (a) caption: `vlpt finetune configs/finetune/synthetic-caption-tiny.yaml init=CKPT` (a caption
-    decoder started from a masked run's text tower and fusion encoder), then `vlpt eval caption` on val and test images
-    (test: colour-shape pairs never seen in training) and, with `--video`, on video val clips.
+    decoder started from a masked run's text tower and fusion encoder), then `vlpt eval
+    caption` on val and test images (test: colour-shape pairs never seen in training) and,
+    with `--video`, on video val clips.
 (b) retrieval: `vlpt eval retrieval` of the pretrained checkpoint on the `novel` domain's val
     split (shapes and backgrounds pretraining never showed: its zero-shot recall), then
     `vlpt finetune configs/finetune/synthetic-retrieval-tiny.yaml init=CKPT` on that domain's

@@ -10,10 +10,11 @@ A randomly initialised caption decoder generates exactly `--new-tokens` tokens p
 `--decoder tiny-masked` (default) is the shipped caption config's `tiny-conv-masked-caption`
 decoder: width 192, 6 layers (a norm after the 4th), 3 heads, context 40, open_clip's
 49408-token vocabulary, reading 65 visual tokens of width 192 (the tiny ViT's 64 patches + class
-token); `--decoder tiny` is `tiny-conv-caption`'s, the same with 4 layers. `--decoder coca-base` is the multimodal decoder of
-open_clip's `coca_ViT-B-32` (width 512, 12 layers, 8 heads, context 76) reading ViT-B/32's 50
-visual tokens of width 768: the size at which CoCa users caption. The uncached path
-recomputes the whole prefix every step but projects only the last position to the vocabulary.
+token); `--decoder tiny` is `tiny-conv-caption`'s, the same with 4 layers (both read from the
+registry). `--decoder coca-base` is the multimodal decoder of open_clip's `coca_ViT-B-32`
+(width 512, 12 layers, 8 heads, context 76) reading ViT-B/32's 50 visual tokens of width 768:
+the size at which CoCa users caption. The uncached path recomputes the whole prefix every step
+but projects only the last position to the vocabulary.
 Best of `--repeats` runs of each, alternating so that a shared machine's load hits both alike,
 after a warm-up. Prints one JSON line, with the 1-minute load average at start and end.
 
@@ -21,9 +22,10 @@ after a warm-up. Prints one JSON line, with the 1-minute load average at start a
 `objectives.caption.vocabulary=train` does (the shipped caption config: 85 tokens for the
 synthetic world), instead of the tokenizer's 49,408.
 
-What bounds the ratio at the tiny size with the whole vocabulary: the vocabulary projection (16 x 192 x 49408, 38 MB of fp32
-weights read per step) is the same work in both paths and ~60% of a cached step on CPU, so
-caching the prefix (17 tokens on average) can only shrink the rest of a step.
+What bounds the ratio at the tiny size with the whole vocabulary: the vocabulary projection
+(16 x 192 x 49408, 38 MB of fp32 weights read per step) is the same work in both paths and
+~60% of a cached step on CPU, so caching the prefix (17 tokens on average) can only shrink the
+rest of a step.
 """
 
 from __future__ import annotations

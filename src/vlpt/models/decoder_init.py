@@ -9,8 +9,9 @@ initialises its decoder from its fusion encoder. `decoder_state_from_towers` bui
 `CaptionDecoder` state dict from a checkpoint's, block for block:
 
     source "text":    blocks[:T]   <- text.transformer.resblocks[:T]
-    source "fusion":  blocks[:T]   <- the same, then ln_mid <- text.ln_final (decoder_cfg.mid_norm = T)
-                      blocks[T:]   <- fusion.blocks (their self-attention now causal)
+    source "fusion":  blocks[:T]   <- the same
+                      ln_mid       <- text.ln_final     (decoder_cfg.mid_norm = T)
+                      blocks[T:]   <- fusion.blocks     (their self-attention now causal)
 
 The text blocks gain a cross-attention the tower never had; it starts at the decoder's own init
 with a zero output projection, so each block starts as exactly the text block it copies. Token
