@@ -233,6 +233,13 @@ def test_retrieval_finetune_trains_the_towers_and_resumes(
     assert "resumed from" in printed and "step_00000003" in printed
     assert json.loads(printed.strip().splitlines()[-1])["step"] == 4
 
+    # The same run folder with another model: one clear error, and the folder keeps its config.
+    config = (out / "config.yaml").read_text()
+    assert main(["finetune", CAPTION_CONFIG, *args, f"model.name={MICRO_CAPTION}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another architecture than this run's model" in err[0]
+    assert (out / "config.yaml").read_text() == config
+
 
 @pytest.mark.parametrize(
     ("init", "message"),

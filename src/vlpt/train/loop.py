@@ -215,10 +215,12 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     dist_info = init_distributed()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    out = _prepare_run_folder(cfg, dist_info)
+    out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     model, tokenizer, trainer, optimizer = _build(cfg, dist_info)
     state = _resume(cfg, ckpt_root, model, optimizer, dist_info)
+    # Only now: a run folder whose checkpoint does not fit this model keeps its config.
+    _prepare_run_folder(cfg, dist_info)
     cfg = with_max_steps(cfg, state.max_steps)  # a resumed run keeps its fitted length
     train_model = wrap_model(trainer, cfg, dist_info)
     patch_dropout = cfg.model.patch_dropout
@@ -304,14 +306,13 @@ def _log_window(
     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
 
 
-def _prepare_run_folder(cfg: RunConfig, dist_info: DistInfo) -> Path:
+def _prepare_run_folder(cfg: RunConfig, dist_info: DistInfo) -> None:
     """OUTPUT_DIR with the resolved config and the code version written into it."""
     out = Path(cfg.output_dir)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         (out / "version.json").write_text(json.dumps(ckpt.code_version()))
-    return out
 
 
 def _make_logger(cfg: RunConfig, out: Path, dist_info: DistInfo) -> MetricsLogger | NullLogger:
