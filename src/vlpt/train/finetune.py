@@ -83,14 +83,14 @@ def load_init_weights(
     file = init_weights_file(init)
     state = convert_to_custom_text_state_dict(read_state_dict(file))
     resize_pos_embed(state, model)  # a checkpoint trained at another resolution still loads
-    own = model.state_dict()
+    own, held = model.state_dict(), _parts_in(state)
     for key, tensor in own.items():
         if key in state and state[key].shape != tensor.shape and key not in DATA_SIZED:
             raise WeightsError(
                 f"init '{init}' does not fit model: '{key}' has shape {tuple(state[key].shape)}, "
                 f"the model's {tuple(tensor.shape)}; check that model.name matches it."
             )
-        if key not in state and key not in DATA_SIZED and _part(key) in _parts_in(state):
+        if key not in state and key not in DATA_SIZED and _part(key) in held:
             raise WeightsError(
                 f"init '{init}' has only part of the model's '{_part(key)}': it has no '{key}'; "
                 "check that model.name matches the checkpoint's architecture."
@@ -100,11 +100,11 @@ def load_init_weights(
                 f"init '{init}' does not fit model: it has no '{key}'; check that model.name "
                 "matches the checkpoint's architecture."
             )
-    derived = ""
-    if decoder_init and "decoder" not in _parts_in(state):
+    derived, used = "", set()  # what the decoder was built from, and the parts that fed it
+    if decoder_init and "decoder" not in held:
         derived = _derive_decoder(model, state, decoder_init, file)
+        used = {"fusion"} if decoder_init == "fusion" else set()
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    used = {"fusion"} if derived.endswith("fusion encoder") else set()
     return InitReport(
         fresh=sorted({_part(k) for k in own if k not in state and k not in DATA_SIZED}),
         ignored=sorted({_part(k) for k in state if k not in own} - used),
