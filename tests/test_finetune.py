@@ -266,6 +266,20 @@ def test_init_into_another_architecture_names_the_tensor(pretrained):
     assert report.fresh == ["decoder"] and report.ignored == []
 
 
+def test_a_masked_run_starts_a_video_model_with_its_towers_only(tmp_path):
+    """The video config's `init` is a masked run: towers load, its heads are left out."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    masked = build_model(str(ROOT / "tests/fixtures/micro-masked.json"))
+    save_file(masked.state_dict(), tmp_path / "model.safetensors")
+    video = build_model(MICRO_MODEL, temporal="transformer", temporal_shift=0.5)
+    report = load_init_weights(video, tmp_path / "model.safetensors")
+    assert report.fresh == ["temporal"] and report.ignored == ["fusion", "mae_decoder"]
+    towers = {k: v for k, v in masked.state_dict().items() if k.split(".")[0] in ("visual", "text")}
+    assert towers and all(torch.equal(video.state_dict()[k], v) for k, v in towers.items())
+
+
 def test_finetune_dry_run_checks_init_then_prints_the_plan(
     synth_world, pretrained, tmp_path, capsys
 ):

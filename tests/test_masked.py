@@ -255,6 +255,25 @@ def test_fusion_on_text_states_reads_the_text_tower_and_the_shared_states_agree(
     assert torch.equal(before, plain.fuse(tokens, visual))
 
 
+def test_summary_first_puts_the_end_token_state_where_the_itm_head_reads():
+    from vlpt.models.fusion import FusionConfig, FusionEncoder
+
+    torch.manual_seed(0)
+    cfg = {"width": 64, "layers": 0, "heads": 2, "visual_width": 64, "text_states": True}
+    plain, summary = FusionEncoder(cfg), FusionEncoder({**cfg, "summary_first": True})
+    summary.load_state_dict(plain.state_dict())
+    tokens = _captions(3, 6, torch.Generator().manual_seed(0))
+    tokens[1, 5:] = torch.tensor([EOT, 0, 0, 0, 0, 0])  # a shorter caption: its own end token
+    states, visual = torch.randn(3, tokens.shape[1], 64), torch.randn(3, 17, 64)
+    embedding = torch.nn.Embedding(VOCAB, 64)
+    expected = states.clone()
+    expected[:, 0] = states[[0, 1, 2], [7, 5, 7]]  # each caption's end-token state
+    assert torch.allclose(summary(tokens, visual, embedding, states), plain.ln_final(expected))
+    assert torch.allclose(plain(tokens, visual, embedding, states), plain.ln_final(states))
+    with pytest.raises(ValueError, match="summary_first needs fusion_cfg.text_states"):
+        FusionConfig(summary_first=True)
+
+
 @pytest.mark.parametrize("contrastive", [True, False])
 def test_fusion_on_text_states_trains_the_text_tower_with_or_without_contrastive(contrastive):
     torch.manual_seed(0)

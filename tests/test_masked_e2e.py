@@ -61,6 +61,9 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
     assert {"mlm_acc", "mlm_attr_acc", "mlm_attr_acc_shuffled", "n_tokens"} <= set(mlm)
     assert {"mlm_attr_all_acc", "mlm_attr_all_acc_shuffled", "n_attr_tokens"} <= set(mlm)
     assert mlm["n_tokens"] > 100
+    # Colours, shapes and positions split the attribute words: a weighted mean of the three.
+    kinds = [mlm[f"mlm_attr_acc_{k}"] for k in ("colour", "shape", "position")]
+    assert min(kinds) - 1e-9 <= mlm["mlm_attr_acc"] <= max(kinds) + 1e-9
     # Contract: `--rerank-k` gives the same keys as plain retrieval.
     assert main(["eval", "retrieval", "--checkpoint", str(out), "--data", data, "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)

@@ -42,6 +42,7 @@ from vlpt.objectives.mlm import IGNORE, mask_tokens
 
 DIRECTION_WORDS = ("left", "right", "up", "down", "top", "bottom")
 ATTRIBUTE_WORDS = (*COLOURS, *SHAPES, *DIRECTION_WORDS)
+ATTRIBUTE_KINDS = {"colour": COLOURS, "shape": SHAPES, "position": DIRECTION_WORDS}
 
 
 @dataclass
@@ -96,22 +97,23 @@ def embed_with_visual_tokens(
     )
 
 
-def attribute_token_ids(tokenizer: Any) -> torch.Tensor:
-    """Token ids of the attribute words that are one BPE token each (all of ATTRIBUTE_WORDS)."""
-    ids = [tokenizer([w])[0, 1:-1] for w in ATTRIBUTE_WORDS]
+def attribute_token_ids(tokenizer: Any, words: Sequence[str] = ATTRIBUTE_WORDS) -> torch.Tensor:
+    """Token ids of the words (attribute words by default) that are one BPE token each."""
+    ids = [tokenizer([w])[0, 1:-1] for w in words]
     return torch.tensor(sorted({int(t) for t in ids if len(t) == 1}))
 
 
-def _masked_accuracy(
+def _masked_hits(
     model: VisionLanguageModel, inputs: torch.Tensor, labels: torch.Tensor, visual: torch.Tensor
-) -> tuple[float, int]:
-    """(correct, count) of the MLM predictions at the positions where labels != IGNORE."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLM predictions at the positions where labels != IGNORE: (n,) bool hits and the
+    (n,) true token ids."""
     selected = labels != IGNORE
     if not selected.any():
-        return 0.0, 0
+        return torch.zeros(0, dtype=torch.bool), labels[selected]
     hidden = model.fuse(inputs, visual)
     predicted = model.mlm_logits(hidden[selected]).argmax(dim=1)
-    return float((predicted == labels[selected]).sum()), int(selected.sum())
+    return predicted == labels[selected], labels[selected]
 
 
 def mlm_metrics(
@@ -124,8 +126,9 @@ def mlm_metrics(
     seed: int = 0,
     precision: str = "fp32",
 ) -> dict[str, float | int]:
-    """`mlm_acc`, `mlm_attr_acc` (one word masked at a time), `mlm_attr_all_acc` (all at
-    once), each attribute accuracy also `_shuffled`, and `n_tokens`, `n_attr_tokens`."""
+    """`mlm_acc`, `mlm_attr_acc` (one word masked at a time, also by kind of word:
+    `mlm_attr_acc_colour`, `_shape`, `_position`), `mlm_attr_all_acc` (all at once), each
+    attribute accuracy also `_shuffled`, and `n_tokens`, `n_attr_tokens`."""
     if model.fusion is None:
         raise ConfigError(
             "this checkpoint's model has no fusion encoder, so no MLM head to evaluate; "
@@ -134,6 +137,7 @@ def mlm_metrics(
     device = data.visual_tokens.device
     vocab = model.fusion.cfg.vocab_size
     attribute_ids = attribute_token_ids(tokenizer).to(device)
+    kind_ids = {k: attribute_token_ids(tokenizer, w).to(device) for k, w in ATTRIBUTE_KINDS.items()}
     generator = torch.Generator().manual_seed(seed)
     sums: defaultdict[str, float] = defaultdict(float)
     n_items = len(data.visual_tokens)
@@ -149,9 +153,9 @@ def mlm_metrics(
             inputs, labels = mask_tokens(
                 tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator
             )
-            correct, count = _masked_accuracy(model, inputs, labels, images[""])
-            sums["acc"] += correct
-            sums["n"] += count
+            hits, _ = _masked_hits(model, inputs, labels, images[""])
+            sums["acc"] += float(hits.sum())
+            sums["n"] += len(hits)
             is_attribute = torch.isin(tokens, attribute_ids)
             for protocol, (inputs, labels, row) in {
                 "attr": _one_attribute_masked(tokens, is_attribute, vocab),
@@ -160,16 +164,22 @@ def mlm_metrics(
                 for suffix, visual in images.items():
                     for chunk in range(0, len(row), batch_size):
                         part = slice(chunk, chunk + batch_size)
-                        correct, count = _masked_accuracy(
+                        hits, target = _masked_hits(
                             model, inputs[part], labels[part], visual[row[part]]
                         )
-                        sums[protocol + suffix] += correct
-                        sums["n_" + protocol + suffix] += count
+                        sums[protocol + suffix] += float(hits.sum())
+                        sums["n_" + protocol + suffix] += len(hits)
+                        if protocol + suffix == "attr":
+                            for kind, ids in kind_ids.items():
+                                of_kind = torch.isin(target, ids)
+                                sums["attr_" + kind] += float(hits[of_kind].sum())
+                                sums["n_attr_" + kind] += float(of_kind.sum())
     n, n_attr = max(sums["n"], 1), max(sums["n_attr"], 1)
     return {
         "mlm_acc": sums["acc"] / n,
         "mlm_attr_acc": sums["attr"] / n_attr,
         "mlm_attr_acc_shuffled": sums["attr_shuffled"] / n_attr,
+        **{f"mlm_attr_acc_{k}": sums["attr_" + k] / max(sums["n_attr_" + k], 1) for k in kind_ids},
         "mlm_attr_all_acc": sums["attr_all"] / n_attr,
         "mlm_attr_all_acc_shuffled": sums["attr_all_shuffled"] / n_attr,
         "n_tokens": int(sums["n"]),

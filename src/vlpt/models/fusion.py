@@ -55,6 +55,11 @@ class FusionConfig:
     text encoder) instead of bare token embeddings with the fusion encoder's own positions. The
     words then arrive already read in context ("red" knows it belongs to "circle"), and the text
     tower learns from MLM and ITM too; it costs a text-tower pass over the masked captions."""
+    summary_first: bool = False
+    """With `text_states`: the first token (the one the ITM head reads) starts as the end
+    token's state, the caption's summary that CLIP pools, instead of the start token's. A causal
+    text tower leaves the start token knowing nothing of the caption, so the ITM head had to
+    wait for the fusion self-attention to gather it; BERT's [CLS] carries the sentence in ALBEF."""
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> FusionConfig:
@@ -68,6 +73,8 @@ class FusionConfig:
         return cls(**cfg)
 
     def __post_init__(self) -> None:
+        if self.summary_first and not self.text_states:
+            raise ValueError("fusion_cfg.summary_first needs fusion_cfg.text_states: true.")
         if self.width % self.heads:
             raise ValueError(
                 f"fusion_cfg.width ({self.width}) must be divisible by heads ({self.heads})."
@@ -166,6 +173,12 @@ class FusionEncoder(nn.Module):
         eot = (tokens == self.eot_id).int().argmax(dim=1, keepdim=True)  # (B, 1)
         return (torch.arange(length, device=tokens.device)[None] <= eot)[:, None, None]
 
+    def _summary_first(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) states with the first replaced by the end token's state."""
+        eot = (tokens == self.eot_id).int().argmax(dim=1)  # (B,)
+        summary = states[torch.arange(len(tokens), device=tokens.device), eot]
+        return torch.cat([summary[:, None], states[:, 1:]], dim=1)
+
     def embed_tokens(self, tokens: torch.Tensor, token_embedding: nn.Embedding) -> torch.Tensor:
         """(B, L) ids, MASK_ID allowed -> (B, L, W) token embeddings (no positions)."""
         is_mask = tokens == self.mask_id
@@ -184,7 +197,7 @@ class FusionEncoder(nn.Module):
         if self.cfg.text_states:
             if text_states is None:
                 raise ValueError("this fusion encoder reads text states (fusion_cfg.text_states)")
-            x = text_states
+            x = self._summary_first(tokens, text_states) if self.cfg.summary_first else text_states
         else:
             assert self.positional_embedding is not None
             x = self.embed_tokens(tokens, token_embedding)  # (B, L, W)
