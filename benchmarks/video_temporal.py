@@ -6,7 +6,8 @@ temporal-order accuracy (true vs reversed caption, true vs reversed clip), text-
 zero-shot action accuracy, and resident memory (process + dataloader workers, logged by the
 loop as `memory/rss_mb`) at 5 minutes and at the end, with the slope between them.
 
-    make train && vlpt data synth data/synthetic --video    # both configs start from the image run
+    make train && vlpt pretrain configs/pretrain/synthetic-tiny-masked.yaml
+    vlpt data synth data/synthetic --video    # both configs start from the masked run's towers
     .venv/bin/python benchmarks/video_temporal.py [--minutes 18] [--only transformer|mean]
 
 Prints one JSON line: {"bench": "video_temporal", "transformer": {...}, "mean": {...},
