@@ -184,6 +184,38 @@ def test_all_objectives_train_together_and_every_trained_parameter_gets_a_gradie
     assert missing == ["logit_bias"]  # only SigLIP reads it; the loop freezes it for CLIP
 
 
+def test_itm_scores_each_image_against_its_word_swapped_caption_too():
+    torch.manual_seed(0)
+    model = build_model(MICRO_MASKED)
+    shapes = 'loss.swap_negatives=[["circle", "star", "cross"]]'
+    cfg = _cfg("objectives.itm.enabled=true", "objectives.itm.swap_negatives=true", shapes)
+    trainer = ModelWithObjectives(model, build_objectives(cfg, model))
+    (itm,) = [o for o in trainer.objectives if isinstance(o, ImageTextMatching)]
+    assert itm.word_swap is not None
+    from vlpt.models import get_tokenizer
+
+    captions = ["a small red circle at the top", "a big blue star", "a green square"]
+    fused_batches: list[int] = []
+    model.fuse = _recording(model.fuse, fused_batches)
+    terms = trainer(
+        {"image": torch.randn(3, 3, 32, 32), "text": get_tokenizer(MICRO_MODEL)(captions)}
+    )
+    assert fused_batches == [9, 2]  # 3 pairs x (true, two negatives); 2 captions have a shape
+    assert 0 <= float(terms["itm/acc_swap"]) <= 1
+    terms["loss/itm"].backward()
+    assert all(p.grad is not None for p in model.fusion.itm_head.parameters())
+    with pytest.raises(ConfigError, match="loss.swap_negatives, which is empty"):
+        _cfg("objectives.itm.enabled=true", "objectives.itm.swap_negatives=true")
+
+
+def _recording(fuse, sizes: list[int]):
+    def wrapped(tokens, visual, states=None):
+        sizes.append(len(tokens))
+        return fuse(tokens, visual, states)
+
+    return wrapped
+
+
 def test_enabling_an_objective_without_its_head_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"objectives\.mlm.*micro\.json.*fusion"):
         build_objectives(

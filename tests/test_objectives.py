@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlpt.config import load_config
+from vlpt.config import ConfigError, load_config
 from vlpt.objectives import ClipLoss, SigLipLoss, all_gather_with_grad, build_objectives
 
 
@@ -103,8 +103,15 @@ def test_gather_is_identity_in_one_process() -> None:
 
 @pytest.mark.parametrize(("name", "cls"), [("clip", ClipLoss), ("siglip", SigLipLoss)])
 def test_build_objectives_from_config(name: str, cls: type) -> None:
-    cfg = load_config(None, [f"loss.name={name}", "loss.weight=2.0", "loss.local_loss=true"])
+    local = ["loss.local_loss=true"] if name == "clip" else []
+    cfg = load_config(None, [f"loss.name={name}", "loss.weight=2.0", *local])
     (objective,) = build_objectives(cfg)
     assert isinstance(objective, cls) and objective.weight == 2.0
     if name == "clip":
         assert objective.local_loss
+
+
+@pytest.mark.parametrize("option", ["local_loss=true", "reversed_negatives=true"])
+def test_clip_only_options_are_refused_for_siglip(option: str) -> None:
+    with pytest.raises(ConfigError, match=f"loss.{option.split('=')[0]} is an option of the clip"):
+        load_config(None, ["loss.name=siglip", f"loss.{option}"])

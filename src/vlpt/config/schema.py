@@ -197,6 +197,11 @@ class LossConfig(_Strict):
     reversed_negatives: bool = False
     """CLIP only, clips: each clip played backwards is an extra text->clip negative (time-reversal
     hard negatives), so captions must tell a clip from its reversal; image batches unchanged."""
+    swap_negatives: list[list[str]] = []
+    """CLIP only: groups of interchangeable single-token words (e.g. `[[circle, square, star],
+    [red, blue, green]]`). Each caption with one of its group words replaced by another member
+    becomes an extra image->text negative (NegCLIP's word-swap hard negatives), so the image
+    must encode what that word names. Empty (default): none. Costs one more text-tower pass."""
 
     @field_validator("weight")
     @classmethod
@@ -204,6 +209,14 @@ class LossConfig(_Strict):
         if v < 0:
             raise ValueError("must be >= 0 (0 turns the contrastive loss off)")
         return v
+
+    @model_validator(mode="after")
+    def _clip_only_options(self) -> LossConfig:
+        if self.name != "clip":
+            for key in ("local_loss", "reversed_negatives", "swap_negatives"):
+                if getattr(self, key):
+                    raise ValueError(f"loss.{key} is an option of the clip loss, not {self.name}")
+        return self
 
 
 def _open_unit_interval(v: float) -> float:
@@ -232,6 +245,10 @@ class ITMConfig(_Strict):
     """Train with this objective (the model needs a fusion encoder: "fusion_cfg")."""
     weight: float = 1.0
     """Weight of `loss/itm` in the total."""
+    swap_negatives: bool = False
+    """Also score each image against its caption with one word swapped (the word groups of
+    `loss.swap_negatives`): a negative the fusion encoder can only reject by reading what that
+    word names in the visual tokens. Pairs become 1:3 (true, two hard negatives, the swap)."""
 
 
 class MIMConfig(_Strict):
@@ -418,6 +435,15 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _itm_swaps_have_words(self) -> RunConfig:
+        if self.objectives.itm.swap_negatives and not self.loss.swap_negatives:
+            raise ValueError(
+                "objectives.itm.swap_negatives swaps the words of loss.swap_negatives, which is "
+                "empty: give it the word groups, e.g. loss.swap_negatives='[[circle, square]]'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pairs_fit_in_a_batch(self) -> RunConfig:

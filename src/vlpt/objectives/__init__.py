@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlpt.config import ConfigError, RunConfig
-from vlpt.models import VisionLanguageModel
+from vlpt.models import VisionLanguageModel, get_tokenizer
 from vlpt.objectives.caption import Captioning
 from vlpt.objectives.contrastive import ClipLoss, SigLipLoss
 from vlpt.objectives.gather import all_gather_with_grad, rank_and_world_size
@@ -21,6 +21,7 @@ from vlpt.objectives.itm import ImageTextMatching, sample_hard_negatives
 from vlpt.objectives.mim import MaskedImageModeling, masked_reconstruction
 from vlpt.objectives.mlm import MaskedLanguageModeling, mask_tokens
 from vlpt.objectives.stack import ModelWithObjectives
+from vlpt.objectives.word_swap import WordSwap
 
 
 def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -> nn.ModuleList:
@@ -33,7 +34,8 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
     if masked.mlm.enabled:
         enabled["mlm"] = MaskedLanguageModeling(masked.mlm.weight, masked.mlm.mask_ratio)
     if masked.itm.enabled:
-        enabled["itm"] = ImageTextMatching(masked.itm.weight)
+        swap = _word_swap(cfg) if masked.itm.swap_negatives else None
+        enabled["itm"] = ImageTextMatching(masked.itm.weight, word_swap=swap)
     if masked.mim.enabled:
         enabled["mim"] = MaskedImageModeling(masked.mim.weight, masked.mim.mask_ratio)
     if masked.caption.enabled:
@@ -57,11 +59,16 @@ def _contrastive(cfg: RunConfig) -> nn.Module:
             weight=loss.weight,
             local_loss=loss.local_loss,
             reversed_negatives=loss.reversed_negatives,
+            word_swap=_word_swap(cfg) if loss.swap_negatives else None,
         )
     if loss.name == "siglip":
         return SigLipLoss(weight=loss.weight)
     # unreachable through RunConfig validation; kept for configs built by hand
     raise ValueError(f"loss.name '{loss.name}' is unknown; use 'clip' or 'siglip'.")
+
+
+def _word_swap(cfg: RunConfig) -> WordSwap:
+    return WordSwap.from_words(cfg.loss.swap_negatives, get_tokenizer(cfg.model.name))
 
 
 # A head an objective trains -> (what it is, its registry JSON key, a model that has it).
@@ -94,6 +101,7 @@ __all__ = [
     "MaskedLanguageModeling",
     "ModelWithObjectives",
     "SigLipLoss",
+    "WordSwap",
     "all_gather_with_grad",
     "build_objectives",
     "mask_tokens",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.objectives.gather import all_gather_with_grad, rank_and_world_size
+from vlpt.objectives.word_swap import WordSwap
 
 
 def _fp32(outputs: dict[str, torch.Tensor], *keys: str) -> tuple[torch.Tensor, ...]:
@@ -40,11 +41,18 @@ class ClipLoss(nn.Module):
     heads: tuple[str, ...] = ()
 
     def __init__(
-        self, weight: float = 1.0, local_loss: bool = False, reversed_negatives: bool = False
+        self,
+        weight: float = 1.0,
+        local_loss: bool = False,
+        reversed_negatives: bool = False,
+        word_swap: WordSwap | None = None,
     ) -> None:
         super().__init__()
         self.weight = weight
         self.local_loss = local_loss
+        # Word-swap hard negatives (NegCLIP): each caption with one attribute word swapped
+        # joins the image->text candidates (see `vlpt.objectives.word_swap`).
+        self.word_swap = word_swap
         # Time-reversal hard negatives: every clip played backwards joins the text->clip
         # candidates, so a caption must prefer its clip over the same frames in reverse order.
         # Random in-batch negatives almost never differ from a positive only in direction, so
@@ -64,6 +72,11 @@ class ClipLoss(nn.Module):
     def forward(
         self, outputs: dict[str, torch.Tensor], model=None, batch=None
     ) -> dict[str, torch.Tensor]:
+        swapped = None
+        if self.word_swap is not None:
+            assert model is not None and batch is not None
+            negatives, valid = self.word_swap(batch["text"])
+            swapped = (model.encode_text(negatives), valid)  # (B, D), (B,)
         with torch.autocast(outputs["image_features"].device.type, enabled=False):
             image, text, scale = _fp32(outputs, "image_features", "text_features", "logit_scale")
             rank, _ = rank_and_world_size()
@@ -85,6 +98,11 @@ class ClipLoss(nn.Module):
                 diagonal = logits_t2r.gather(1, labels[:, None]).squeeze(1)
                 positive = logits_t2i.gather(1, labels[:, None]).squeeze(1)
                 metrics["contrastive/acc_order"] = (positive > diagonal).float().mean().detach()
+            if swapped is not None:
+                query = image if self.local_loss else all_image
+                logits_i2t, metrics["contrastive/acc_swap"] = _with_swapped_negatives(
+                    logits_i2t, query, scale, swapped, labels
+                )
             loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
         return {
             **metrics,
@@ -93,6 +111,27 @@ class ClipLoss(nn.Module):
             "contrastive/acc_t2i": _accuracy(logits_t2i, labels),
             "contrastive/logit_scale": scale.detach(),
         }
+
+
+def _with_swapped_negatives(
+    logits_i2t: torch.Tensor,
+    image: torch.Tensor,
+    scale: torch.Tensor,
+    swapped: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, N) image->text logits -> (R, 2N) with every rank's swapped captions as extra
+    columns (captions without a swappable word masked out), and the share of images whose
+    caption beats its own swapped copy."""
+    features, valid = swapped
+    negatives = all_gather_with_grad(features.float())  # (N, D)
+    valid_all = all_gather_with_grad(valid.float()) > 0  # (N,)
+    logits_swap = (scale * image @ negatives.T).masked_fill(~valid_all, float("-inf"))
+    own = logits_swap.gather(1, labels[:, None]).squeeze(1)  # each image vs its swapped caption
+    positive = logits_i2t.gather(1, labels[:, None]).squeeze(1)
+    has = valid_all[labels]
+    beats = ((positive > own) & has).float().sum() / has.float().sum().clamp(min=1)
+    return torch.cat([logits_i2t, logits_swap], dim=1), beats.detach()
 
 
 class SigLipLoss(nn.Module):

@@ -6,6 +6,12 @@ with probability softmax(similarity) over the candidates of the whole global bat
 samples: features, tokens and visual tokens are all-gathered, the visual tokens with their
 gradient), never the sample itself and never a sample whose caption is identical to its own (a
 duplicate caption is not a wrong one). First token -> linear -> 2-way softmax, cross-entropy.
+
+With a `WordSwap` each image is also scored against its own caption with one word swapped
+(`loss.swap_negatives`' groups): the similarity-drawn negatives mostly differ in what the
+contrastive features already see, while "a red star" against a red circle can only be
+rejected by reading the shape in the visual tokens. Captions without a swappable word add no
+such pair.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.objectives.gather import all_gather_with_grad, rank_and_world_size
+from vlpt.objectives.word_swap import WordSwap
 
 
 def sample_hard_negatives(
@@ -50,9 +57,9 @@ class ImageTextMatching(nn.Module):
     needs = frozenset({"features", "visual_tokens", "text_states"})
     heads = ("fusion", "itm_head")
 
-    def __init__(self, weight: float = 1.0) -> None:
+    def __init__(self, weight: float = 1.0, word_swap: WordSwap | None = None) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight, self.word_swap = weight, word_swap
 
     def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
         assert model is not None and batch is not None
@@ -75,9 +82,18 @@ class ImageTextMatching(nn.Module):
         batch_size = len(tokens)
         labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
         labels[:batch_size] = 1
+        metrics = {}
+        if self.word_swap is not None:
+            swapped, valid = self.word_swap(batch["text"])
+            if valid.any():
+                extra = model.itm_logits(model.fuse(swapped[valid], visual[valid])).float()
+                metrics["itm/acc_swap"] = (extra.argmax(dim=1) == 0).float().mean().detach()
+                logits = torch.cat([logits, extra])
+                labels = torch.cat([labels, labels.new_zeros(len(extra))])
         loss = F.cross_entropy(logits, labels)
         hit = (logits.argmax(dim=1) == labels).float()
         return {
+            **metrics,
             "loss/itm": self.weight * loss,
             "itm/acc": hit.mean().detach(),
             "itm/acc_negatives": hit[batch_size:].mean().detach(),
