@@ -198,3 +198,14 @@ def test_slow_run_fits_its_schedule_and_curriculum_to_the_time_limit(
     printed = capsys.readouterr().out
     assert f"{fitted} steps fitted to the time limit" in printed
     assert json.loads(printed.strip().splitlines()[-1])["step"] == fitted
+
+
+def test_periodic_evaluation_skips_one_that_the_final_evaluation_follows_closely():
+    train = load_config(None, ["train.eval_every=300", "train.max_steps=305"]).train
+    assert [s for s in range(1, 305) if loop.periodic_eval_due(train, s)] == []
+    train = load_config(None, ["train.eval_every=300", "train.max_steps=355"]).train
+    assert [s for s in range(1, 355) if loop.periodic_eval_due(train, s)] == [300]
+    train = load_config(None, ["train.eval_every=10", "train.max_steps=31"]).train
+    assert [s for s in range(1, 31) if loop.periodic_eval_due(train, s)] == [10, 20, 30]
+    never = load_config(None, ["train.eval_every=0", "train.max_steps=31"]).train
+    assert not any(loop.periodic_eval_due(never, s) for s in range(1, 31))

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vlpt.config import DataConfig, RunConfig, dump_config
+from vlpt.config import DataConfig, RunConfig, TrainConfig, dump_config
 from vlpt.data import build_train_loader
 from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
@@ -267,7 +267,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                 window = Window()
 
             done = state.step >= cfg.train.max_steps or _out_of_time(clock, cfg, dist_info)
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done:
+            if not done and periodic_eval_due(cfg.train, state.step):
                 paused = time.monotonic()
                 _evaluate_and_log(
                     model, tokenizer, cfg, dist_info, logger, state, ("val",), clock.seconds() / 60
@@ -288,6 +288,16 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     logger.close()
     cleanup()
     return result
+
+
+def periodic_eval_due(train: TrainConfig, step: int) -> bool:
+    """An `eval_every` evaluation after `step`, unless the run ends within a tenth of that
+    interval: the final evaluation follows in a few steps (a schedule fitted to the time can
+    end just past a multiple of `eval_every`; each evaluation of a masked run takes minutes)."""
+    every = train.eval_every
+    if not every or step % every:
+        return False
+    return train.max_steps - step >= max(1, every // 10)
 
 
 def _log_window(
