@@ -9,7 +9,10 @@ shape (colour and position already single out most scenes in a batch) probes hig
 low on shape; that is what bounds a fusion encoder's MLM accuracy on shape words.
 
     .venv/bin/python benchmarks/attribute_probe.py runs/synthetic-tiny runs/synthetic-tiny-masked \
-        [--data data/synthetic] [--train-images 3000] [--val-images 1000]
+        [--data data/synthetic] [--train-images 3000] [--val-images 1000] [--layers stem,2,out]
+
+`--layers` probes other depths of the tower too (keys become CHECKPOINT@LAYER): where along the
+tower shape is lost, or never found.
 
 Prints one JSON line: {"bench": "attribute_probe", "runs": {CHECKPOINT: {"shape": acc,
 "colour": acc, "n_train": objects, "n_val": objects}}, "chance": {...}, "settings": {...}}.
@@ -53,8 +56,28 @@ def load_split(folder: Path, n: int) -> tuple[np.ndarray, list[list[dict]]]:
     return np.stack(images), objects
 
 
+def tower_tokens(model, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """(B, 1 + N, W) tokens of the image tower at `layer`: "out" (after `ln_post`, what the
+    fusion encoder reads), "stem" (the stem's tokens plus positions, after `ln_pre`) or block
+    "K" (the output of Transformer block K, 1-based, before `ln_post`)."""
+    if layer == "out":
+        return model.encode_image_with_tokens(x)[1]
+    tower = model.visual
+    module = tower.ln_pre if layer == "stem" else tower.transformer.resblocks[int(layer) - 1]
+    caught: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        model.encode_image_with_tokens(x)
+    finally:
+        handle.remove()
+    tokens = caught[0]
+    return tokens if tokens.shape[0] == len(x) else tokens.transpose(0, 1)  # (B, 1 + N, W)
+
+
 @torch.no_grad()
-def cell_features(model, images: np.ndarray, objects: list[list[dict]]) -> tuple[np.ndarray, dict]:
+def cell_features(
+    model, images: np.ndarray, objects: list[list[dict]], layer: str = "out"
+) -> tuple[np.ndarray, dict]:
     """(objects, 2W) pooled patch tokens over each object's grid cell, and its labels."""
     mean = torch.tensor(model.image_mean)[:, None, None]
     std = torch.tensor(model.image_std)[:, None, None]
@@ -62,7 +85,7 @@ def cell_features(model, images: np.ndarray, objects: list[list[dict]]) -> tuple
     features, labels = [], {k: [] for k in ATTRIBUTES}
     for start in range(0, len(images), 250):
         x = torch.from_numpy(images[start : start + 250]).permute(0, 3, 1, 2).float() / 255
-        _, tokens = model.encode_image_with_tokens((x - mean) / std)
+        tokens = tower_tokens(model, (x - mean) / std, layer).float()
         tokens = tokens[:, 1:].reshape(len(x), grid, grid, -1)  # patch tokens, CLS dropped
         for b, scene in enumerate(objects[start : start + 250]):
             for obj in scene:
@@ -108,19 +131,28 @@ def main() -> None:
     parser.add_argument("--data", default="data/synthetic", help="synthetic data set folder")
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--val-images", type=int, default=1000)
+    parser.add_argument(
+        "--layers",
+        default="out",
+        help="comma-separated tower layers to probe: out (default; the tokens the fusion encoder "
+        "reads), stem (after the stem and ln_pre), K (output of block K, 1-based)",
+    )
     args = parser.parse_args()
+    layers = args.layers.split(",")
     torch.manual_seed(0)
     train_images, train_objects = load_split(Path(args.data) / "train", args.train_images)
     val_images, val_objects = load_split(Path(args.data) / "val", args.val_images)
     results = {}
     for checkpoint in args.checkpoints:
         model, _ = load_trained_model(checkpoint)
-        train_x, train_y = cell_features(model, train_images, train_objects)
-        val_x, val_y = cell_features(model, val_images, val_objects)
-        results[checkpoint] = {
-            key: round(linear_probe(train_x, train_y[key], val_x, val_y[key], len(names)), 4)
-            for key, names in ATTRIBUTES.items()
-        } | {"n_train": len(train_x), "n_val": len(val_x)}
+        for layer in layers:
+            train_x, train_y = cell_features(model, train_images, train_objects, layer)
+            val_x, val_y = cell_features(model, val_images, val_objects, layer)
+            key = checkpoint if layers == ["out"] else f"{checkpoint}@{layer}"
+            results[key] = {
+                name: round(linear_probe(train_x, train_y[name], val_x, val_y[name], len(v)), 4)
+                for name, v in ATTRIBUTES.items()
+            } | {"n_train": len(train_x), "n_val": len(val_x)}
     print(
         json.dumps(
             {

@@ -123,6 +123,40 @@ def test_layer_decay_puts_each_blocks_rate_on_its_parameters():
     assert len(plain.param_groups) == 2
 
 
+def test_lr_scale_multiplies_rates_by_longest_prefix_on_top_of_layer_decay():
+    model = build_model(MICRO_CAPTION)
+    overrides = [
+        "train.lr=1.0",
+        "train.lr_scale={decoder: 3.0, decoder.blocks.0: 5.0, visual: 2.0}",
+    ]
+    cfg = load_config(None, overrides).train
+    assert cfg.lr_scale == {"decoder": 3.0, "decoder.blocks.0": 5.0, "visual": 2.0}
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"), layer_decay=0.5)
+    set_lr(optimizer, 0.1)
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    expected = {
+        "decoder.blocks.0.mlp_fc.weight": 0.1 * 5.0,  # the longer prefix wins
+        "decoder.ln_final.weight": 0.1 * 3.0,
+        "decoder.token_embedding.weight": 0.1 * 3.0,
+        "visual.conv1.weight": 0.1 * 0.5**3 * 2.0,  # times the layer-decay scale
+        "visual.proj": 0.1 * 2.0,
+        "text.text_projection": 0.1,  # no prefix: the scheduled rate
+        "logit_scale": 0.1,
+    }
+    for name, lr in expected.items():
+        assert rate[id(params[name])] == pytest.approx(lr), name
+    # "decoder.block" is not a whole component of "decoder.blocks.0...": it names nothing
+    for bad in ("{fusion: 2.0}", "{decoder.block: 2.0}"):
+        typo = load_config(None, [f"train.lr_scale={bad}"]).train
+        with pytest.raises(ConfigError, match=r"train\.lr_scale.*names no trainable parameter"):
+            build_optimizer(model, typo, torch.device("cpu"))
+    with pytest.raises(
+        ConfigError, match=r"train\.lr_scale\.visual = 0.0 must be > 0.*finetune\.freeze"
+    ):
+        load_config(None, ["train.lr_scale={visual: 0}"])
+
+
 # ---- vlpt finetune -------------------------------------------------------------------------------
 
 

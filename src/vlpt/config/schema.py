@@ -355,6 +355,12 @@ class TrainConfig(_Strict):
     """Final learning rate as a fraction of the peak (cosine floor)."""
     warmup_steps: int = 100
     """Linear warmup steps."""
+    lr_scale: dict[str, float] = {}
+    """Learning-rate multipliers by parameter-name prefix, whole dotted components (`fusion`,
+    `fusion.itm_head`, `mae_decoder`, `visual`, ...): e.g. `{fusion: 3}` trains the fusion
+    encoder and its heads at 3x the scheduled rate (fresh heads on pretrained towers). The
+    longest matching prefix wins; it multiplies `finetune.layer_decay`'s scale. A prefix that
+    names no parameter of the model is an error when the optimiser is built."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to biases, norms, embeddings, temperature)."""
     betas: tuple[float, float] = (0.9, 0.98)
@@ -392,6 +398,17 @@ class TrainConfig(_Strict):
     _counts = field_validator("batch_size", "accum_steps", "max_steps")(
         classmethod(lambda cls, v: _at_least_one(v))
     )
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _positive_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        for prefix, scale in v.items():
+            if scale <= 0:
+                raise ValueError(
+                    f"train.lr_scale.{prefix} = {scale} must be > 0 (to leave a tower "
+                    "untrained: finetune.freeze)"
+                )
+        return v
 
 
 class EvalConfig(_Strict):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vlpt.config import TrainConfig
+from vlpt.config import ConfigError, TrainConfig
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -21,11 +21,12 @@ def build_optimizer(
     """AdamW over the trainable parameters; fused kernels where the device supports them.
 
     One pair of groups (weight decay, none) per learning-rate scale; each group's `lr_scale`
-    multiplies the scheduled rate (`set_lr`). With `layer_decay` 1 that is one pair, as in
-    pretraining."""
+    multiplies the scheduled rate (`set_lr`). A parameter's scale is its layer-decay scale times
+    its `cfg.lr_scale` multiplier; with neither that is one pair, as in pretraining."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     depths = tower_depths(model)
-    scales = {n: layer_lr_scale(n, depths, layer_decay) for n, _ in named}
+    prefixed = prefix_lr_scales([n for n, _ in named], cfg.lr_scale)
+    scales = {n: layer_lr_scale(n, depths, layer_decay) * prefixed[n] for n, _ in named}
     groups = []
     for scale in sorted(set(scales.values()), reverse=True):
         at_scale = [(n, p) for n, p in named if scales[n] == scale]
@@ -35,6 +36,23 @@ def build_optimizer(
         groups.append({"params": plain, "weight_decay": 0.0, "lr_scale": scale})
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
+def prefix_lr_scales(names: list[str], scales: dict[str, float]) -> dict[str, float]:
+    """Each parameter name's multiplier from `scales` (`train.lr_scale`): the value of the
+    longest prefix that is whole dotted components of the name, 1.0 if none is. A prefix that
+    matches no name is a ConfigError (a typo would otherwise train at the base rate silently)."""
+    found = dict.fromkeys(names, 1.0)
+    for prefix in sorted(scales, key=len):  # longer prefixes overwrite shorter ones
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"train.lr_scale: {prefix!r} names no trainable parameter (top-level: {tops})"
+            )
+        for n in matched:
+            found[n] = scales[prefix]
+    return found
 
 
 # Parameters of a tower that sit below its first residual block (BEiT's layer 0).
