@@ -58,6 +58,33 @@ def test_mlm_masking_is_bert_80_10_10_over_words_only():
     )  # random tokens are words, never specials
 
 
+def test_focus_words_are_selected_at_their_own_ratio_from_the_config():
+    g = torch.Generator().manual_seed(0)
+    tokens = _captions(2000, 30, g)
+    focus = torch.tensor([101, 202])
+    tokens[:, 1:31:3] = 101  # every third word a focus token
+    _, labels = mask_tokens(
+        tokens, ratio=0.15, vocab_size=VOCAB, generator=g, focus=focus, focus_ratio=0.6
+    )
+    selected, is_focus = labels != IGNORE, tokens == 101
+    assert abs(selected[is_focus].float().mean().item() - 0.6) < 0.02
+    other = ~is_focus & (tokens > 0) & (tokens < SOT)
+    assert abs(selected[other].float().mean().item() - 0.15) < 0.01
+
+    cfg = _cfg(
+        "objectives.mlm.enabled=true",
+        'objectives.mlm.focus_words=["circle", "star", "red"]',
+        "objectives.mlm.focus_ratio=0.4",
+    )
+    (mlm,) = [o for o in build_objectives(cfg) if isinstance(o, MaskedLanguageModeling)]
+    from vlpt.models import get_tokenizer
+
+    words = get_tokenizer(MICRO_MODEL)(["circle star red"])[0, 1:4]
+    assert sorted(mlm.focus.tolist()) == sorted(words.tolist()) and mlm.focus_ratio == 0.4
+    with pytest.raises(ConfigError, match=r"objectives\.mlm\.focus_ratio"):
+        _cfg("objectives.mlm.focus_ratio=1")
+
+
 def test_short_captions_get_one_masked_token_and_empty_ones_are_counted():
     tokens = torch.tensor([[SOT, 736, EOT, 0], [SOT, EOT, 0, 0]])
     _, labels = mask_tokens(tokens, ratio=0.15, vocab_size=VOCAB)

@@ -38,6 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
         summary = write_dataset(
             args.out_dir,
             domain=args.domain,
+            twins=args.twins,
             seed=args.seed,
             n_train=args.images,
             n_val=args.val,
@@ -295,6 +296,12 @@ def _add_synth(data: Subparsers) -> None:
         choices=["default", "novel"],
         help="world variant: novel = shapes and backgrounds the default world never draws "
         "(a held-out domain for fine-tuning), written to OUT_DIR like the default",
+    )
+    synth.add_argument(
+        "--twins",
+        action="store_true",
+        help="each training image also carries its hard-negative twin (twin.jpg, json "
+        "twin_captions: the same scene with one shape changed), for data.twin_pairs=true",
     )
     synth.add_argument(
         "--video",

@@ -99,6 +99,13 @@ class DataConfig(_Strict):
     reversed caption. Each is then the other's hardest negative in both directions (text->clip
     and clip->text), at the cost of one clip; the batch holds batch_size / 2 distinct clips.
     Clips without reversed captions enter once, and a pair after one can straddle two batches."""
+    twin_pairs: bool = False
+    """Images that carry a hard-negative twin (`twin.jpg` with json `twin_captions`: the same
+    scene with one thing changed, as TripletCLIP's negative images; `vlpt data synth --twins`
+    writes them) enter the batch with it, both with the caption at the same index and the same
+    crop: each is the other's hardest negative both ways, and the one thing that differs must
+    be seen to tell them apart. The batch holds batch_size / 2 distinct scenes.
+    Needs an even batch size."""
     seed: int = 0
     """Seed for shard order and shuffling."""
 
@@ -234,8 +241,16 @@ class MLMConfig(_Strict):
     """Weight of `loss/mlm` in the total."""
     mask_ratio: float = 0.15
     """Fraction of each caption's word tokens selected for prediction (at least one)."""
+    focus_words: list[str] = []
+    """Words whose tokens are selected at `focus_ratio` instead of `mask_ratio` (object-token
+    masking): the words only the image can fill in, e.g. colours, shapes, object names. Uniform
+    masking spends most targets on words the caption itself gives away."""
+    focus_ratio: float = 0.5
+    """Selection probability of a `focus_words` token."""
 
-    _ratio = field_validator("mask_ratio")(classmethod(lambda cls, v: _open_unit_interval(v)))
+    _ratio = field_validator("mask_ratio", "focus_ratio")(
+        classmethod(lambda cls, v: _open_unit_interval(v))
+    )
 
 
 class ITMConfig(_Strict):
@@ -467,6 +482,11 @@ class RunConfig(_Strict):
         if self.data.reversed_pairs and self.train.batch_size % 2:
             raise ValueError(
                 f"data.reversed_pairs puts each clip and its reversal in one batch, so "
+                f"train.batch_size must be even (got {self.train.batch_size})"
+            )
+        if self.data.twin_pairs and self.train.batch_size % 2:
+            raise ValueError(
+                f"data.twin_pairs puts each image and its twin in one batch, so "
                 f"train.batch_size must be even (got {self.train.batch_size})"
             )
         return self

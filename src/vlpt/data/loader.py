@@ -32,7 +32,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpt.config import DataConfig, Source
-from vlpt.data.samples import Sample, SkipCounter, VideoSample, decode_pixels, parse_sample
+from vlpt.data.samples import (
+    Sample,
+    SkipCounter,
+    SkipReason,
+    VideoSample,
+    decode_pixels,
+    open_image,
+    parse_sample,
+)
 from vlpt.data.shards import (
     DataSourceError,
     expand_urls,
@@ -194,6 +202,8 @@ class TrainStream(IterableDataset):
             skips=skips,
             sources=self.cfg.train,
             reversed_pairs=self.cfg.reversed_pairs,
+            twin_pairs=self.cfg.twin_pairs,
+            max_pixels=self.cfg.max_image_pixels,
         )
         tokens = CaptionTokens(self.tokenizer, CAPTION_CACHE_SIZE)
         collate = partial(_collate_train, tokens=tokens, mean=self.mean, std=self.std, skips=skips)
@@ -251,10 +261,13 @@ def _decode_train(
     skips: SkipCounter,
     sources: Sequence[Source],
     reversed_pairs: bool = False,
+    twin_pairs: bool = False,
+    max_pixels: int = 64_000_000,
 ) -> Iterator[tuple[Pixels, str]]:
     decoded = [0] * len(sources)
     failed = [0] * len(sources)
     for sample in samples:
+        crop_state = rng.getstate() if twin_pairs else ()  # a twin replays its image's crop
         if isinstance(sample, Sample):
             pixels = decode_pixels(sample, transform, rng, skips)
         else:
@@ -274,6 +287,8 @@ def _decode_train(
         decoded[sample.source] += 1
         if reversed_pairs and isinstance(sample, VideoSample):
             yield from _with_reversed_pair(pixels, sample, rng)
+        elif twin_pairs and isinstance(sample, Sample) and sample.twin is not None:
+            yield from _with_twin(pixels, sample, transform, crop_state, max_pixels, skips, rng)
         else:
             yield pixels, rng.choice(sample.captions)
 
@@ -292,6 +307,37 @@ def _with_reversed_pair(
     yield clip, sample.captions[i]
     # Paired by index, as the temporal-order evaluation pairs them (vlpt.eval.embed).
     yield np.ascontiguousarray(clip[::-1]), str(reversed_captions[i % len(reversed_captions)])
+
+
+def _with_twin(
+    image: Pixels,
+    sample: Sample,
+    transform: CropResize,
+    crop_state: tuple,
+    max_pixels: int,
+    skips: SkipCounter,
+    rng: random.Random,
+) -> Iterator[tuple[Pixels, str]]:
+    """The image with a caption, then its twin (`twin.jpg`, the same scene with one thing
+    changed) with the twin caption at the same index, cropped by the same draws: consecutive,
+    like reversed pairs. A twin that does not decode is counted and the image goes alone."""
+    twin_captions = sample.meta().get("twin_captions")
+    if not isinstance(twin_captions, list) or not twin_captions or not sample.twin:
+        yield image, rng.choice(sample.captions)
+        return
+    i = rng.randrange(len(sample.captions))
+    yield image, sample.captions[i]
+    opened = open_image(sample.twin, max_pixels)
+    if isinstance(opened, SkipReason):
+        skips.add(opened)
+        return
+    replay = random.Random()
+    replay.setstate(crop_state)
+    twin = decode_pixels(
+        Sample(sample.key, opened, [str(c) for c in twin_captions]), transform, replay, skips
+    )
+    if twin is not None:
+        yield twin, str(twin_captions[i % len(twin_captions)])
 
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpt.data.loader import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_NUM_FRAMES
-from vlpt.data.samples import VIDEO_EXTENSIONS, SkipReason, _open_image
+from vlpt.data.samples import VIDEO_EXTENSIONS, SkipReason, open_image
 from vlpt.data.transforms import EvalTransform
 from vlpt.data.video import ClipSampler, UnusableVideo
 
@@ -64,7 +64,7 @@ class MediaFileReader:
     def _image(self, path: Path, data: bytes) -> np.ndarray:
         if not data:
             raise UnreadableMedia(path, SkipReason.EMPTY_FILE.value)
-        image = _open_image(data, self.max_pixels)
+        image = open_image(data, self.max_pixels)
         if isinstance(image, SkipReason):
             raise UnreadableMedia(path, image.value)
         try:

@@ -104,6 +104,9 @@ class Sample:
     """Index of the source the sample came from (set by the caller)."""
     url: str = ""
     """The shard the sample was read from."""
+    twin: bytes | None = None
+    """The `twin.jpg` file, if any: the same scene with one thing changed, a hard-negative
+    image whose captions are json `twin_captions` (`data.twin_pairs`)."""
 
     def meta(self) -> dict[str, Any]:
         """The json metadata as a dict, or `{}` when there is none or it is not a JSON object."""
@@ -159,7 +162,10 @@ def parse_sample(
         checked.source = source
         return checked
     image, captions = checked
-    return Sample(raw["__key__"], image, captions, raw.get("json"), source, raw.get("__url__", ""))
+    url = raw.get("__url__", "")
+    return Sample(
+        raw["__key__"], image, captions, raw.get("json"), source, url, raw.get("twin.jpg")
+    )
 
 
 def _check(
@@ -174,7 +180,7 @@ def _check(
         return captions
     if not image_bytes:
         return SkipReason.EMPTY_FILE
-    image = _open_image(image_bytes, max_pixels)
+    image = open_image(image_bytes, max_pixels)
     return image if isinstance(image, SkipReason) else (image, captions)
 
 
@@ -206,7 +212,8 @@ def caption_lines(text: bytes | None) -> list[str] | SkipReason:
     return captions or SkipReason.EMPTY_CAPTION
 
 
-def _open_image(data: bytes, max_pixels: int) -> Image.Image | SkipReason:
+def open_image(data: bytes, max_pixels: int) -> Image.Image | SkipReason:
+    """Open image bytes lazily (header only), or why they cannot be used."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:

@@ -10,6 +10,7 @@ name: it calls `ModelWithObjectives(model, objectives)(batch)`.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vlpt.config import ConfigError, RunConfig
@@ -32,7 +33,7 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
     masked = cfg.objectives
     enabled: dict[str, nn.Module] = {}
     if masked.mlm.enabled:
-        enabled["mlm"] = MaskedLanguageModeling(masked.mlm.weight, masked.mlm.mask_ratio)
+        enabled["mlm"] = _mlm(cfg)
     if masked.itm.enabled:
         swap = _word_swap(cfg) if masked.itm.swap_negatives else None
         enabled["itm"] = ImageTextMatching(masked.itm.weight, word_swap=swap)
@@ -65,6 +66,16 @@ def _contrastive(cfg: RunConfig) -> nn.Module:
         return SigLipLoss(weight=loss.weight)
     # unreachable through RunConfig validation; kept for configs built by hand
     raise ValueError(f"loss.name '{loss.name}' is unknown; use 'clip' or 'siglip'.")
+
+
+def _mlm(cfg: RunConfig) -> MaskedLanguageModeling:
+    mlm = cfg.objectives.mlm
+    focus = None
+    if mlm.focus_words:
+        tokenizer = get_tokenizer(cfg.model.name)
+        ids = tokenizer.token_ids(mlm.focus_words) - {tokenizer.sot_id, tokenizer.eot_id}
+        focus = torch.tensor(sorted(ids))
+    return MaskedLanguageModeling(mlm.weight, mlm.mask_ratio, focus, mlm.focus_ratio)
 
 
 def _word_swap(cfg: RunConfig) -> WordSwap:

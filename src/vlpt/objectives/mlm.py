@@ -8,6 +8,13 @@ Short captions: every caption with at least one word token gets at least one sel
 (a 5-token caption would otherwise often get none). A caption with no word token at all
 (`[SOT, EOT]`) cannot be masked; it is left out of the loss and counted in the
 `mlm/unmaskable` metric, and a batch of only such captions gives a zero loss, not an error.
+
+Focus words (`objectives.mlm.focus_words`; "object-token masking", Bitton et al. 2021, Data
+Efficient Masked Language Modeling for Vision and Language): the tokens of the listed words are
+selected at `focus_ratio` instead of `mask_ratio`. Uniform 15% masking spends most targets on
+words the rest of the caption gives away ("a", "the", "there is"); the words only the image
+can fill in (colours, shapes, objects) are the ones that teach the fusion encoder, and through
+it the image tower, to read the picture.
 """
 
 from __future__ import annotations
@@ -32,16 +39,24 @@ def mask_tokens(
     ratio: float,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    focus: torch.Tensor | None = None,
+    focus_ratio: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of (B, L) token ids -> (inputs, labels), both (B, L) long.
 
     `labels` holds the original id at selected positions and -100 elsewhere. In `inputs` a
     selected position is `vocab_size` (the mask id) with p=0.8, a random word id with p=0.1,
     and unchanged with p=0.1. The end token is `vocab_size - 1`, the start `vocab_size - 2`.
+    A token whose id is in `focus` (1-D ids) is selected with p=`focus_ratio`, others with
+    p=`ratio`.
     """
     candidates = maskable_positions(tokens, eot_id=vocab_size - 1)
     draw = torch.rand(tokens.shape, generator=generator).to(tokens.device)
-    selected = (draw < ratio) & candidates
+    threshold: torch.Tensor | float = ratio
+    if focus is not None and focus.numel():
+        is_focus = torch.isin(tokens, focus.to(tokens.device))
+        threshold = torch.where(is_focus, focus_ratio, ratio)
+    selected = (draw < threshold) & candidates
     # At least one selected token per maskable caption: its candidate with the smallest draw.
     missing = candidates.any(dim=1) & ~selected.any(dim=1)
     first = draw.masked_fill(~candidates, 2.0).argmin(dim=1)
@@ -63,15 +78,28 @@ class MaskedLanguageModeling(nn.Module):
     needs = frozenset({"visual_tokens"})
     heads = ("fusion", "mlm_head")
 
-    def __init__(self, weight: float = 1.0, mask_ratio: float = 0.15) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        mask_ratio: float = 0.15,
+        focus: torch.Tensor | None = None,
+        focus_ratio: float = 0.5,
+    ) -> None:
         super().__init__()
-        self.weight, self.mask_ratio = weight, mask_ratio
+        self.weight, self.mask_ratio, self.focus_ratio = weight, mask_ratio, focus_ratio
+        self.focus = focus  # (K,) token ids selected at focus_ratio, or None
 
     def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
         assert model is not None and batch is not None
         tokens = batch["text"]  # (B, L)
         vocab = model.fusion.cfg.vocab_size
-        inputs, labels = mask_tokens(tokens, ratio=self.mask_ratio, vocab_size=vocab)
+        inputs, labels = mask_tokens(
+            tokens,
+            ratio=self.mask_ratio,
+            vocab_size=vocab,
+            focus=self.focus,
+            focus_ratio=self.focus_ratio,
+        )
         hidden = model.fuse(inputs, outputs["visual_tokens"])  # (B, L, W)
         selected = labels != IGNORE
         # The vocabulary projection (49k wide) only at the ~15% selected positions.

@@ -14,7 +14,7 @@ Nothing in this module draws or does I/O, so it is cheap to import and easy to t
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -233,6 +233,36 @@ def sample_scene(
         for i, k in enumerate(order)
     )
     return SceneSpec(sample_background(rng, domain.backgrounds), objects)
+
+
+def twin_scene(
+    spec: SceneSpec,
+    rng: np.random.Generator,
+    *,
+    held_out: tuple[tuple[str, str], ...],
+    shapes: tuple[str, ...] = SHAPES,
+) -> SceneSpec:
+    """The same scene with one object's shape changed: a hard-negative twin (TripletCLIP).
+
+    The object (uniform) gets another shape (uniform among those that keep its colour-shape
+    pair allowed: not held out, not another object's pair). Rendered and captioned from the
+    same random streams, the twin differs from its scene in that one shape and in the caption's
+    one shape word: contrastive training with both in a batch can only tell them apart by
+    shape, which colour and position single out otherwise.
+    """
+    objects = list(spec.objects)
+    pairs = {o.pair for o in objects}
+    for k in rng.permutation(len(objects)):
+        obj = objects[int(k)]
+        options = [
+            s
+            for s in shapes
+            if s != obj.shape and (obj.colour, s) not in held_out and (obj.colour, s) not in pairs
+        ]
+        if options:
+            objects[int(k)] = replace(obj, shape=options[rng.integers(len(options))])
+            return replace(spec, objects=tuple(objects))
+    raise ValueError("no object of the scene can change shape")  # unreachable with 6 shapes
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> RGB:

@@ -48,6 +48,8 @@ class SynthSettings:
     captions_per_image: int
     held_out: tuple[tuple[str, str], ...]
     domain: str = "default"
+    twins: bool = False
+    """Training samples also carry `twin.jpg` and json `twin_captions` (`world.twin_scene`)."""
 
 
 SampleMaker = Callable[[str, int], dict[str, str | bytes]]
@@ -88,11 +90,14 @@ def write_dataset(
     workers: int | None = None,
     progress: bool = True,
     domain: str = "default",
+    twins: bool = False,
 ) -> dict:
     """Generate the train/val/test image shards of the synthetic world under `out_dir`.
 
     `domain` picks a variant of the world (`world.DOMAINS`): `novel` has shapes and backgrounds
-    the default world never draws, a held-out domain for fine-tuning. Returns a summary:
+    the default world never draws, a held-out domain for fine-tuning. `twins`: each training
+    sample also carries its hard-negative twin (`twin.jpg`, json `twin_captions`: the same scene
+    with one object's shape changed; `data.twin_pairs` trains with both). Returns a summary:
     {"out_dir", "seed", "counts": {split: images}, "shards": {split: n}, "seconds",
     "images_per_minute"}.
     """
@@ -102,7 +107,7 @@ def write_dataset(
         raise ValueError(f"domain '{domain}' is unknown; use one of {', '.join(world.DOMAINS)}.")
     out = Path(out_dir)
     held_out = world.held_out_pairs(seed, world.DOMAINS[domain].shapes)
-    settings = SynthSettings(seed, size, shard_size, captions_per_image, held_out, domain)
+    settings = SynthSettings(seed, size, shard_size, captions_per_image, held_out, domain, twins)
     make = partial(make_sample, settings)
     seconds = write_splits(out, counts, shard_size, make, workers=workers, progress=progress)
     info = dataset_info(settings, counts)
@@ -176,23 +181,60 @@ def make_sample(cfg: SynthSettings, split: str, index: int) -> dict[str, str | b
     if cfg.domain != "default":
         stream.append(_DOMAIN_STREAM + list(world.DOMAINS).index(cfg.domain))
     entropy = np.random.SeedSequence(stream)
-    scene_rng, pixel_rng, text_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
+    # spawn(4)'s first three children are spawn(3)'s: the twin stream leaves the rest unchanged.
+    scene_seq, pixel_seq, text_seq, twin_seq = entropy.spawn(4)
     spec = world.sample_scene(
-        scene_rng, held_out=cfg.held_out, require_held_out=split == "test", domain=domain
+        np.random.default_rng(scene_seq),
+        held_out=cfg.held_out,
+        require_held_out=split == "test",
+        domain=domain,
     )
+    jpeg, captions = _draw(spec, cfg, pixel_seq, text_seq)
+    key = f"{index:09d}"
+    meta = sample_metadata(spec, key, split, cfg.size, len(captions), cfg.held_out)
+    sample: dict[str, str | bytes] = {
+        "__key__": key,
+        "jpg": jpeg,
+        "txt": "\n".join(captions).encode("utf-8"),
+    }
+    if cfg.twins and split == "train":
+        rng = np.random.default_rng(twin_seq)
+        twin = world.twin_scene(spec, rng, held_out=cfg.held_out, shapes=domain.shapes)
+        # The same pixel and text streams: same jitter, tilt, noise and caption templates.
+        sample["twin.jpg"], meta["twin_captions"] = _draw(twin, cfg, pixel_seq, text_seq)
+        meta["twin_objects"] = object_records(twin)
+    return sample | {"json": json.dumps(meta).encode("utf-8")}
+
+
+def _draw(
+    spec: world.SceneSpec,
+    cfg: SynthSettings,
+    pixel_seq: np.random.SeedSequence,
+    text_seq: np.random.SeedSequence,
+) -> tuple[bytes, list[str]]:
+    """A scene's JPEG bytes and captions, each from a fresh generator of its stream."""
+    pixel_rng = np.random.default_rng(pixel_seq)
     image = render_scene(spec.to_scene(pixel_rng), cfg.size, pixel_rng)
     jpeg = io.BytesIO()
     # 4:4:4 chroma: the default 4:2:0 smears the colour of a 12 px object into its background.
     image.save(jpeg, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-    captions = make_captions(spec, cfg.captions_per_image, text_rng)
-    key = f"{index:09d}"
-    meta = sample_metadata(spec, key, split, cfg.size, len(captions), cfg.held_out)
-    return {
-        "__key__": key,
-        "jpg": jpeg.getvalue(),
-        "txt": "\n".join(captions).encode("utf-8"),
-        "json": json.dumps(meta).encode("utf-8"),
-    }
+    captions = make_captions(spec, cfg.captions_per_image, np.random.default_rng(text_seq))
+    return jpeg.getvalue(), captions
+
+
+def object_records(spec: world.SceneSpec) -> list[dict]:
+    """The json record of each object of a scene."""
+    return [
+        {
+            "shape": o.shape,
+            "colour": o.colour,
+            "size": o.size,
+            "position": o.position,
+            "row": o.row,
+            "col": o.col,
+        }
+        for o in spec.objects
+    ]
 
 
 def sample_metadata(
@@ -204,17 +246,7 @@ def sample_metadata(
     held_out: tuple[tuple[str, str], ...],
 ) -> dict:
     """The per-sample `.json`; evaluation reads `objects[*].shape|colour|size|position`."""
-    objects = [
-        {
-            "shape": o.shape,
-            "colour": o.colour,
-            "size": o.size,
-            "position": o.position,
-            "row": o.row,
-            "col": o.col,
-        }
-        for o in spec.objects
-    ]
+    objects = object_records(spec)
     return {
         "key": key,
         "width": size,
@@ -232,7 +264,11 @@ def dataset_info(settings: SynthSettings, counts: dict[str, int]) -> dict:
     """Contents of `OUT_DIR/info.json`: everything needed to regenerate or interpret the data."""
     domain = world.DOMAINS[settings.domain]
     # The default world's info.json predates domains and stays byte-identical: no "domain" key.
-    named = {} if settings.domain == "default" else {"domain": settings.domain}
+    named: dict[str, str | bool] = {}
+    if settings.domain != "default":
+        named["domain"] = settings.domain
+    if settings.twins:
+        named["twins"] = True
     return {
         "name": "vlpt-synthetic",
         **named,
