@@ -19,6 +19,7 @@ from PIL import Image
 from vlpt.config import ConfigError, DataConfig, load_config
 from vlpt.data import build_train_loader
 from vlpt.data.synthetic import held_out_pairs, write_dataset
+from vlpt.data.synthetic.world import ObjectSpec, SceneSpec, sample_background, twin_scene
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -73,6 +74,16 @@ def test_a_twin_is_its_scene_with_one_shape_changed(twins: Path) -> None:
     for split in ("val", "test"):  # evaluation splits stay as they were
         assert all("twin.jpg" not in s for s in _samples(twins, split))
     assert json.loads((twins / "info.json").read_text())["twins"] is True
+
+
+def test_a_scene_whose_shapes_cannot_change_has_no_twin() -> None:
+    shapes = ("a", "b", "c", "d")
+    objects = tuple(ObjectSpec(shape, "red", "small", 0, col) for col, shape in enumerate("abc"))
+    spec = SceneSpec(sample_background(np.random.default_rng(0)), objects)
+    rng = np.random.default_rng(0)
+    assert twin_scene(spec, rng, held_out=(("red", "d"),), shapes=shapes) is None
+    twin = twin_scene(spec, rng, held_out=(), shapes=shapes)
+    assert twin is not None and {o.shape for o in twin.objects} & {"d"}
 
 
 def test_twin_pairs_put_each_image_and_its_twin_in_one_batch(twins: Path) -> None:

@@ -241,14 +241,15 @@ def twin_scene(
     *,
     held_out: tuple[tuple[str, str], ...],
     shapes: tuple[str, ...] = SHAPES,
-) -> SceneSpec:
+) -> SceneSpec | None:
     """The same scene with one object's shape changed: a hard-negative twin (TripletCLIP).
 
     The object (uniform) gets another shape (uniform among those that keep its colour-shape
     pair allowed: not held out, not another object's pair). Rendered and captioned from the
     same random streams, the twin differs from its scene in that one shape and in the caption's
     one shape word: contrastive training with both in a batch can only tell them apart by
-    shape, which colour and position single out otherwise.
+    shape, where colour and position tell random negatives apart. None when no object can
+    change (possible with a domain of few shapes: every other shape held out or taken).
     """
     objects = list(spec.objects)
     pairs = {o.pair for o in objects}
@@ -262,7 +263,7 @@ def twin_scene(
         if options:
             objects[int(k)] = replace(obj, shape=options[rng.integers(len(options))])
             return replace(spec, objects=tuple(objects))
-    raise ValueError("no object of the scene can change shape")  # unreachable with 6 shapes
+    return None
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> RGB:

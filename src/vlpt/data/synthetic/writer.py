@@ -197,9 +197,11 @@ def make_sample(cfg: SynthSettings, split: str, index: int) -> dict[str, str | b
         "jpg": jpeg,
         "txt": "\n".join(captions).encode("utf-8"),
     }
+    twin = None
     if cfg.twins and split == "train":
         rng = np.random.default_rng(twin_seq)
         twin = world.twin_scene(spec, rng, held_out=cfg.held_out, shapes=domain.shapes)
+    if twin is not None:
         # The same pixel and text streams: same jitter, tilt, noise and caption templates.
         sample["twin.jpg"], meta["twin_captions"] = _draw(twin, cfg, pixel_seq, text_seq)
         meta["twin_objects"] = object_records(twin)
