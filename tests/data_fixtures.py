@@ -134,3 +134,33 @@ class IdTokenizer:
 def sample_ids(batch: dict) -> list[tuple[int, int, int]]:
     """(source, shard, item) of every sample of a training batch tokenised by IdTokenizer."""
     return [tuple(row[1:4]) for row in batch["text"].tolist()]
+
+
+class CaptionRecorder:
+    """Test tokenizer that remembers every caption: row k = [index of the caption + 1, 0], so
+    `recorder.texts(batch)` reads a batch's captions back."""
+
+    def __init__(self) -> None:
+        self.captions: list[str] = []
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        rows = torch.zeros(len(texts), 2, dtype=torch.long)
+        for k, text in enumerate(texts):
+            self.captions.append(text)
+            rows[k, 0] = len(self.captions)
+        return rows
+
+    def texts(self, batch: dict) -> list[str]:
+        return [self.captions[int(i) - 1] for i in batch["text"][:, 0]]
+
+
+def read_split(root: Path, split: str) -> list[dict[str, bytes]]:
+    """All samples of a split with plain tarfile, as {"__key__", "jpg", "txt", "json"}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted((root / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                samples.setdefault(key, {"__key__": key.encode()})[ext] = data
+    return [samples[k] for k in sorted(samples)]

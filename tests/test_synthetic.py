@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from data_fixtures import read_split
 from PIL import Image
 
 from vlpt.data.synthetic import (
@@ -40,18 +41,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "one_worker"
     write_dataset(out, seed=3, workers=1, **SMALL)
     return out
-
-
-def read_split(root: Path, split: str) -> list[dict[str, bytes]]:
-    """All samples of a split with plain tarfile, as {"__key__", "jpg", "txt", "json"}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((root / split).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                samples.setdefault(key, {"__key__": key.encode()})[ext] = data
-    return [samples[k] for k in sorted(samples)]
 
 
 def all_files(root: Path) -> dict[str, bytes]:

@@ -6,13 +6,12 @@ import io
 import itertools
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import image_bytes, write_shard
+from data_fixtures import CaptionRecorder, image_bytes, read_split, write_shard
 from data_fixtures import sample as raw_sample
 from PIL import Image
 
@@ -33,23 +32,13 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _samples(root: Path, split: str) -> list[dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((root / split).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return [samples[k] for k in sorted(samples)]
-
-
 def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
 def test_a_twin_is_its_scene_with_one_shape_changed(twins: Path) -> None:
     held_out = set(held_out_pairs(3))
-    for sample in _samples(twins, "train"):
+    for sample in read_split(twins, "train"):
         meta = json.loads(sample["json"])
         objects, twin_objects = meta["objects"], meta["twin_objects"]
         changed = [(a, b) for a, b in zip(objects, twin_objects) if a != b]
@@ -72,7 +61,7 @@ def test_a_twin_is_its_scene_with_one_shape_changed(twins: Path) -> None:
         assert int(rows.mean() * 3 // diff.shape[0]) == old["row"]
         assert int(cols.mean() * 3 // diff.shape[1]) == old["col"]
     for split in ("val", "test"):  # evaluation splits stay as they were
-        assert all("twin.jpg" not in s for s in _samples(twins, split))
+        assert all("twin.jpg" not in s for s in read_split(twins, split))
     assert json.loads((twins / "info.json").read_text())["twins"] is True
 
 
@@ -87,15 +76,7 @@ def test_a_scene_whose_shapes_cannot_change_has_no_twin() -> None:
 
 
 def test_twin_pairs_put_each_image_and_its_twin_in_one_batch(twins: Path) -> None:
-    captions: list[str] = []
-
-    def caption_ids(texts: list[str]) -> torch.Tensor:
-        """Token stand-in that remembers each caption: row = [index of the caption + 1, 0]."""
-        rows = torch.zeros(len(texts), 2, dtype=torch.long)
-        for k, text in enumerate(texts):
-            captions.append(text)
-            rows[k, 0] = len(captions)
-        return rows
+    caption_ids = CaptionRecorder()
 
     cfg = DataConfig(
         train=[str(twins / "train")],
@@ -108,11 +89,11 @@ def test_twin_pairs_put_each_image_and_its_twin_in_one_batch(twins: Path) -> Non
         cfg, tokenizer=caption_ids, image_size=32, mean=MEAN, std=STD, batch_size=6
     )
     pairs = {}  # caption -> the twin caption at its index, from the shards
-    for sample in _samples(twins, "train"):
+    for sample in read_split(twins, "train"):
         meta = json.loads(sample["json"])
         pairs.update(zip(sample["txt"].decode().splitlines(), meta["twin_captions"]))
     for batch in itertools.islice(loader, 4):
-        images, texts = batch["image"], [captions[int(i) - 1] for i in batch["text"][:, 0]]
+        images, texts = batch["image"], caption_ids.texts(batch)
         assert images.shape == (6, 3, 32, 32)
         for k in range(0, 6, 2):
             assert pairs[texts[k]] == texts[k + 1]

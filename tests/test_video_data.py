@@ -19,7 +19,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from data_fixtures import IdTokenizer, write_shard
+from data_fixtures import CaptionRecorder, IdTokenizer, write_shard
 
 from vlpt.config import DataConfig, Source
 from vlpt.data import (
@@ -510,15 +510,7 @@ def test_video_eval_batches_carry_metadata_for_temporal_evaluation(video_world: 
 
 
 def test_reversed_pairs_put_each_clip_and_its_reversal_in_one_batch(video_world: Path) -> None:
-    captions: list[str] = []
-
-    def caption_ids(texts: list[str]) -> torch.Tensor:
-        """Token stand-in that remembers each caption: row = [index of the caption + 1, 0]."""
-        rows = torch.zeros(len(texts), 2, dtype=torch.long)
-        for k, text in enumerate(texts):
-            captions.append(text)
-            rows[k, 0] = len(captions)
-        return rows
+    caption_ids = CaptionRecorder()
 
     cfg = DataConfig(
         train=[str(video_world / "train")],
@@ -536,7 +528,7 @@ def test_reversed_pairs_put_each_clip_and_its_reversal_in_one_batch(video_world:
         lines = sample["txt"].decode().splitlines()
         pairs.update(zip(lines, meta["reversed_captions"]))
     for batch in itertools.islice(loader, 4):
-        clips, texts = batch["image"], [captions[int(i) - 1] for i in batch["text"][:, 0]]
+        clips, texts = batch["image"], caption_ids.texts(batch)
         assert clips.shape == (6, 4, 3, 24, 24)
         for k in range(0, 6, 2):  # item k + 1 is item k played backwards, with its caption
             torch.testing.assert_close(clips[k + 1], clips[k].flip(0))

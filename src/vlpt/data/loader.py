@@ -32,15 +32,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpt.config import DataConfig, Source
-from vlpt.data.samples import (
-    Sample,
-    SkipCounter,
-    SkipReason,
-    VideoSample,
-    decode_pixels,
-    open_image,
-    parse_sample,
-)
+from vlpt.data.pairs import Pixels, with_reversed_pair, with_twin
+from vlpt.data.samples import Sample, SkipCounter, VideoSample, decode_pixels, parse_sample
 from vlpt.data.shards import (
     DataSourceError,
     expand_urls,
@@ -63,9 +56,6 @@ CAPTION_CACHE_SIZE = 16384
 MAX_UNDECODABLE_BEFORE_FIRST_IMAGE = 1000
 """A source whose first this-many images or videos (in one worker) all fail to decode is reported
 as yielding nothing, rather than spinning forever on files with valid headers but corrupt data."""
-
-Pixels = np.ndarray
-"""uint8 (S, S, 3) for an image, (T, S, S, 3) for a video clip."""
 
 
 def build_train_loader(
@@ -286,58 +276,11 @@ def _decode_train(
             continue
         decoded[sample.source] += 1
         if reversed_pairs and isinstance(sample, VideoSample):
-            yield from _with_reversed_pair(pixels, sample, rng)
+            yield from with_reversed_pair(pixels, sample, rng)
         elif twin_pairs and isinstance(sample, Sample) and sample.twin is not None:
-            yield from _with_twin(pixels, sample, transform, crop_state, max_pixels, skips, rng)
+            yield from with_twin(pixels, sample, transform, crop_state, max_pixels, skips, rng)
         else:
             yield pixels, rng.choice(sample.captions)
-
-
-def _with_reversed_pair(
-    clip: Pixels, sample: VideoSample, rng: random.Random
-) -> Iterator[tuple[Pixels, str]]:
-    """The clip with a caption, then (when its json knows the captions of the clip played
-    backwards) the frames in reverse order with the matching reversed caption: consecutive, so
-    with an even batch size the two land in the same batch as each other's hard negative."""
-    reversed_captions = sample.meta().get("reversed_captions")
-    if not isinstance(reversed_captions, list) or not reversed_captions:
-        yield clip, rng.choice(sample.captions)
-        return
-    i = rng.randrange(len(sample.captions))
-    yield clip, sample.captions[i]
-    # Paired by index, as the temporal-order evaluation pairs them (vlpt.eval.embed).
-    yield np.ascontiguousarray(clip[::-1]), str(reversed_captions[i % len(reversed_captions)])
-
-
-def _with_twin(
-    image: Pixels,
-    sample: Sample,
-    transform: CropResize,
-    crop_state: tuple,
-    max_pixels: int,
-    skips: SkipCounter,
-    rng: random.Random,
-) -> Iterator[tuple[Pixels, str]]:
-    """The image with a caption, then its twin (`twin.jpg`, the same scene with one thing
-    changed) with the twin caption at the same index, cropped by the same draws: consecutive,
-    like reversed pairs. A twin that does not decode is counted and the image goes alone."""
-    twin_captions = sample.meta().get("twin_captions")
-    if not isinstance(twin_captions, list) or not twin_captions or not sample.twin:
-        yield image, rng.choice(sample.captions)
-        return
-    i = rng.randrange(len(sample.captions))
-    yield image, sample.captions[i]
-    opened = open_image(sample.twin, max_pixels)
-    if isinstance(opened, SkipReason):
-        skips.add(opened)
-        return
-    replay = random.Random()
-    replay.setstate(crop_state)
-    twin = decode_pixels(
-        Sample(sample.key, opened, [str(c) for c in twin_captions]), transform, replay, skips
-    )
-    if twin is not None:
-        yield twin, str(twin_captions[i % len(twin_captions)])
 
 
 T = TypeVar("T")
