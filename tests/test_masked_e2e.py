@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import torch
 from conftest import ROOT, run_overrides
+from safetensors.torch import load_file
 
 from vlpt.cli import main
 
@@ -43,7 +45,14 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
         "init=",  # the config starts from the image run; this test trains from scratch
     )
     assert main(["pretrain", CONFIG, *overrides]) == 0
-    final = _last_json(capsys)
+    printed = capsys.readouterr().out
+    final = json.loads(printed.strip().splitlines()[-1])
+    # The shipped config predicts over the training captions' tokens, saved with the weights.
+    line = next(x for x in printed.splitlines() if x.startswith("vlpt: MLM vocabulary:"))
+    saved = load_file(out / "checkpoints/step_00000016/model.safetensors")
+    vocabulary = saved["fusion.mlm_head.output_tokens"]
+    assert line.startswith(f"vlpt: MLM vocabulary: {len(vocabulary)} tokens")
+    assert 20 < len(vocabulary) < 200 and torch.equal(vocabulary, vocabulary.unique())
     for key in ("mlm_acc", "mlm_attr_acc", "mlm_attr_acc_shuffled", "itm_acc", "mim_loss"):
         assert 0 <= final[f"val/{key}"] < float("inf"), key
     assert {f"val/rerank/{k}" for k in RETRIEVAL_KEYS if "_r" in k} <= set(final)

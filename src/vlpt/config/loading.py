@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from vlpt.config.schema import ConfigError, RunConfig
+from vlpt.config.fields import ConfigError
+from vlpt.config.schema import RunConfig
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

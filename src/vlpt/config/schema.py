@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message is one sentence that names the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
-    )
+from vlpt.config.fields import _at_least_one, _below_one, _Strict
+from vlpt.config.objectives import ObjectivesConfig
 
 
 class Source(_Strict):
@@ -38,20 +31,6 @@ class Source(_Strict):
         return v
 
     _start_fraction = field_validator("start")(classmethod(lambda cls, v: _below_one(v)))
-
-
-def _below_one(v: float) -> float:
-    """A fraction in [0, 1) (a start point, a dropout ratio)."""
-    if not 0 <= v < 1:
-        raise ValueError("must be >= 0 and < 1")
-    return v
-
-
-def _at_least_one(v: int) -> int:
-    """A count that must be positive (frames, steps, samples)."""
-    if v < 1:
-        raise ValueError("must be >= 1")
-    return v
 
 
 def _as_sources(v: Any) -> Any:
@@ -156,6 +135,10 @@ class ModelConfig(_Strict):
     is a number of steps, one in (0, 1) a fraction of train.max_steps; 0 = no such phase."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    length_groups: int = 4
+    """Run the text tower and the fusion encoder in this many groups of similar caption length,
+    each cut to its own longest caption (exact; ~0.66 of the padded text-side work at 4 on the
+    synthetic captions). 1 = the whole batch at its longest caption."""
     temporal: Literal["", "mean", "transformer"] = ""
     """Temporal module for clips: `transformer` (temporal positions + a small Transformer over
     frame embeddings), `mean` (order-blind pooling, the baseline), or "" for the architecture's
@@ -165,6 +148,7 @@ class ModelConfig(_Strict):
     frames (TSM; 0.25 is TSM's setting), so patches see motion; None = the architecture's own."""
 
     _dropout_fraction = field_validator("patch_dropout")(classmethod(lambda cls, v: _below_one(v)))
+    _groups = field_validator("length_groups")(classmethod(lambda cls, v: _at_least_one(v)))
 
     @field_validator("unmasked_tuning")
     @classmethod
@@ -224,89 +208,6 @@ class LossConfig(_Strict):
                 if getattr(self, key):
                     raise ValueError(f"loss.{key} is an option of the clip loss, not {self.name}")
         return self
-
-
-def _open_unit_interval(v: float) -> float:
-    if not 0 < v < 1:
-        raise ValueError("must be a fraction strictly between 0 and 1")
-    return v
-
-
-class MLMConfig(_Strict):
-    """Masked language modelling of the caption through the fusion encoder (BERT 80/10/10)."""
-
-    enabled: bool = False
-    """Train with this objective (the model needs a fusion encoder: "fusion_cfg")."""
-    weight: float = 1.0
-    """Weight of `loss/mlm` in the total."""
-    mask_ratio: float = 0.15
-    """Fraction of each caption's word tokens selected for prediction (at least one)."""
-    focus_words: list[str] = []
-    """Words whose tokens are selected at `focus_ratio` instead of `mask_ratio` (object-token
-    masking): the words only the image can fill in, e.g. colours, shapes, object names. Uniform
-    masking spends most targets on words the caption itself gives away."""
-    focus_ratio: float = 0.5
-    """Selection probability of a `focus_words` token."""
-
-    _ratio = field_validator("mask_ratio", "focus_ratio")(
-        classmethod(lambda cls, v: _open_unit_interval(v))
-    )
-
-
-class ITMConfig(_Strict):
-    """Image-text matching through the fusion encoder, hard negatives from the batch."""
-
-    enabled: bool = False
-    """Train with this objective (the model needs a fusion encoder: "fusion_cfg")."""
-    weight: float = 1.0
-    """Weight of `loss/itm` in the total."""
-    swap_negatives: bool = False
-    """Also score each image against its caption with one word swapped (the word groups of
-    `loss.swap_negatives`): a negative the fusion encoder can only reject by reading what that
-    word names in the visual tokens. Pairs become 1:3 (true, two hard negatives, the swap)."""
-
-
-class MIMConfig(_Strict):
-    """MAE-style masked image (video: tube) modelling with the model's pixel decoder."""
-
-    enabled: bool = False
-    """Train with this objective (the model needs an MAE decoder: "mae_cfg")."""
-    weight: float = 1.0
-    """Weight of `loss/mim` in the total."""
-    mask_ratio: float = 0.75
-    """Fraction of each image's patches hidden from the encoder."""
-
-    _ratio = field_validator("mask_ratio")(classmethod(lambda cls, v: _open_unit_interval(v)))
-
-
-class CaptionConfig(_Strict):
-    """Captioning (CoCa-style): the caption decoder predicts each caption token from the ones
-    before it and the visual tokens, teacher-forced, in the same pass as the contrastive loss."""
-
-    enabled: bool = False
-    """Train with this objective (the model needs a caption decoder: "decoder_cfg")."""
-    weight: float = 1.0
-    """Weight of `loss/caption` in the total (CoCa uses 2 beside a contrastive weight of 1)."""
-    vocabulary: Literal["model", "train"] = "model"
-    """Tokens the decoder predicts. `model`: its own (the tokenizer's whole vocabulary, 49,408
-    tokens, or the output vocabulary of the `init` checkpoint). `train`: the tokens of the
-    training captions (of the first `vocabulary_samples` samples of each data.train source,
-    read before training), as COCO captioning models predict over their training split's
-    words; the vocabulary head, half of a tiny decoder's step at 49,408, then costs almost
-    nothing. Saved with the weights: generation later predicts over it too."""
-    vocabulary_samples: int = 200_000
-    """`vocabulary=train`: samples read per training source to collect the vocabulary."""
-
-    _samples = field_validator("vocabulary_samples")(classmethod(lambda cls, v: _at_least_one(v)))
-
-
-class ObjectivesConfig(_Strict):
-    """Objectives trained beside the contrastive loss (`loss`), each switchable and weighted."""
-
-    mlm: MLMConfig = MLMConfig()
-    itm: ITMConfig = ITMConfig()
-    mim: MIMConfig = MIMConfig()
-    caption: CaptionConfig = CaptionConfig()
 
 
 class FinetuneConfig(_Strict):

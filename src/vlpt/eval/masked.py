@@ -38,7 +38,7 @@ from vlpt.eval.embed import Tokenizer, encode_captions, evaluation_mode, model_e
 from vlpt.models import VisionLanguageModel
 from vlpt.models.mae import mae_loss, patchify, unpatchify
 from vlpt.objectives.mim import masked_reconstruction
-from vlpt.objectives.mlm import IGNORE, mask_tokens
+from vlpt.objectives.mlm import IGNORE, mask_tokens, replacement_pool
 
 DIRECTION_WORDS = ("left", "right", "up", "down", "top", "bottom")
 ATTRIBUTE_WORDS = (*COLOURS, *SHAPES, *DIRECTION_WORDS)
@@ -138,6 +138,7 @@ def mlm_metrics(
     vocab = model.fusion.cfg.vocab_size
     attribute_ids = attribute_token_ids(tokenizer).to(device)
     kind_ids = {k: attribute_token_ids(tokenizer, w).to(device) for k, w in ATTRIBUTE_KINDS.items()}
+    pool = replacement_pool(model.fusion.mlm_head.output_tokens, vocab)  # as in training
     generator = torch.Generator().manual_seed(seed)
     sums: defaultdict[str, float] = defaultdict(float)
     n_items = len(data.visual_tokens)
@@ -151,7 +152,7 @@ def mlm_metrics(
                 "_shuffled": data.visual_tokens[(owner + 1) % n_items],
             }
             inputs, labels = mask_tokens(
-                tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator
+                tokens, ratio=mask_ratio, vocab_size=vocab, generator=generator, random_pool=pool
             )
             hits, _ = _masked_hits(model, inputs, labels, images[""])
             sums["acc"] += float(hits.sum())

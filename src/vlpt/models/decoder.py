@@ -15,24 +15,24 @@ so far and compute the cross-attention keys/values of the visual tokens once per
 Tokens follow the project tokenizer's layout: `[SOT, w1, ..., wn, EOT, 0, 0, ...]`, padded with 0.
 
 A decoder may predict only a subset of the tokenizer's vocabulary, its *output vocabulary*
-(`set_output_vocabulary`: e.g. the tokens of the training captions, as captioning models built
-on COCO use a vocabulary of the training split). The logits then cover that subset only
-(`vocab_logits`, `vocab_index`: what training uses), and `forward` / `step` give every other
-token -inf, so generation works on token ids as before. The subset is the buffer
-`output_tokens` (sorted token ids; empty = the whole vocabulary), saved with the weights; a
-state dict with another subset, or none (older checkpoints), loads into any decoder.
+(`set_output_vocabulary`, from `vlpt.models.output_vocabulary`: e.g. the tokens of the training
+captions, as captioning models built on COCO use a vocabulary of the training split). The logits
+then cover that subset only (`vocab_logits`, `vocab_index`: what training uses), and `forward` /
+`step` give every other token -inf, so generation works on token ids as before.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlpt.models.output_vocabulary import OutputVocabulary
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class DecoderBlock(nn.Module):
         return x + self.mlp_proj(F.gelu(self.mlp_fc(self.ln_3(x))))
 
 
-class CaptionDecoder(nn.Module):
+class CaptionDecoder(OutputVocabulary):
     """Token + learned position embeddings, `layers` decoder blocks (with a LayerNorm after the
     first `mid_norm` of them, if set), final LN, vocabulary logits.
 
@@ -226,11 +226,11 @@ class CaptionDecoder(nn.Module):
     """
 
     def __init__(self, cfg: DecoderConfig | Mapping[str, Any] | None = None) -> None:
-        super().__init__()
         if cfg is None:
             cfg = DecoderConfig()
         elif not isinstance(cfg, DecoderConfig):
             cfg = DecoderConfig.from_dict(cfg)
+        super().__init__(cfg.vocab_size)
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
@@ -241,8 +241,6 @@ class CaptionDecoder(nn.Module):
         )
         self.ln_mid = nn.LayerNorm(cfg.width) if cfg.mid_norm else None
         self.ln_final = nn.LayerNorm(cfg.width)
-        self.output_tokens: torch.Tensor
-        self.register_buffer("output_tokens", torch.empty(0, dtype=torch.long))
         # Tied: the logits read the token table itself, so the state dict names that tensor
         # once (safetensors refuses two names for one tensor).
         self.output_projection: nn.Linear | None = None
@@ -262,59 +260,16 @@ class CaptionDecoder(nn.Module):
             if self.output_projection is None
             else self.output_projection.weight
         )
-        return weight.index_select(0, self.output_tokens) if self.restricted else weight
-
-    @property
-    def restricted(self) -> bool:
-        """Whether the decoder predicts a subset of the vocabulary (`output_tokens`)."""
-        return self.output_tokens.numel() > 0
-
-    @torch.no_grad()
-    def set_output_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
-        """Predict only `token_ids` (the end token must be among them), or, with None, the
-        whole vocabulary again. The weights are unchanged: tied rows keep their embeddings."""
-        if token_ids is None:
-            ids = torch.empty(0, dtype=torch.long)
-        else:
-            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted
-            if not len(ids):
-                raise ValueError("an output vocabulary needs at least one token.")
-            if int(ids[0]) < 0 or int(ids[-1]) >= self.cfg.vocab_size:
-                raise ValueError(
-                    f"output vocabulary token ids must lie in [0, {self.cfg.vocab_size}), "
-                    f"got {int(ids[0])}..{int(ids[-1])}."
-                )
-        self.output_tokens = ids.to(self.token_embedding.weight.device)
+        return self.restrict(weight)
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., width) -> logits over the output vocabulary (..., V')."""
         return F.linear(self.ln_final(hidden), self.output_weight)
 
-    def vocab_index(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> their columns in `vocab_logits`; -1 for tokens outside the output
-        vocabulary (the ignore index of the caption loss)."""
-        if not self.restricted:
-            return token_ids
-        vocab = self.output_tokens
-        index = torch.searchsorted(vocab, token_ids).clamp(max=len(vocab) - 1)
-        return torch.where(vocab[index] == token_ids, index, -1)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., width) -> logits over the whole vocabulary (..., vocab_size);
         tokens outside the output vocabulary get -inf."""
-        logits = self.vocab_logits(hidden)
-        if not self.restricted:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.output_tokens, logits)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        # The output vocabulary is data, not architecture: take the saved one's size (none
-        # saved, as in checkpoints from before it existed: the whole vocabulary).
-        key = prefix + "output_tokens"
-        saved = state_dict.setdefault(key, torch.empty(0, dtype=torch.long))
-        self.output_tokens = torch.empty_like(saved, device=self.output_tokens.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return self.full_logits(self.vocab_logits(hidden))
 
     @torch.no_grad()
     def init_weights(self) -> None:

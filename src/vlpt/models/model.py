@@ -18,6 +18,7 @@ from torch import nn
 
 from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.fusion import FusionEncoder
+from vlpt.models.lengths import LENGTH_GROUPS, by_length, caption_lengths
 from vlpt.models.mae import MAEDecoder
 from vlpt.models.registry import get_model_config
 from vlpt.models.temporal import TemporalConfig, TemporalModule, TemporalShift
@@ -70,6 +71,8 @@ class VisionLanguageModel(nn.Module):
         self.embed_dim = embed_dim
         self.image_size = int(vcfg.image_size)
         self.context_length = int(tcfg.context_length)
+        self.eot_id = int(tcfg.vocab_size) - 1  # the tokenizer's end token: the largest id
+        self.length_groups = LENGTH_GROUPS
         self.image_mean, self.image_std = OPENAI_MEAN, OPENAI_STD
         # Optional heads for the masked objectives (registry keys "fusion_cfg", "mae_cfg"); the
         # tower sizes they must agree with are filled in from the towers.
@@ -207,13 +210,34 @@ class VisionLanguageModel(nn.Module):
         """`encode_text`'s embeddings (B, D) and the per-token states they are pooled from,
         (B, L, W) after `ln_final` (what a fusion encoder with `text_states` reads)."""
         tower = self.text
-        states = self._text_tower(tower.token_embedding(tokens))
+        states = self._text_states(tokens, tower.token_embedding(tokens))
         pooled = text_global_pool(states, tokens, pool_type=tower.pool_type)  # (B, W)
         if isinstance(tower.text_projection, nn.Linear):
             pooled = tower.text_projection(pooled)
         elif tower.text_projection is not None:
             pooled = pooled @ tower.text_projection
         return (F.normalize(pooled, dim=-1) if normalize else pooled), states
+
+    def _text_states(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and their embeddings (B, L, W) -> the tower's states (B, L, W), the rows
+        run in `length_groups` groups of similar caption length (zeros past each group's
+        longest caption; `vlpt.models.lengths`)."""
+        lengths = caption_lengths(tokens, self.eot_id)
+        return by_length(
+            lambda rows, cut: self._text_tower(x[rows, :cut]),
+            lengths,
+            self.length_groups,
+            total=tokens.shape[1],
+        )
+
+    def set_length_groups(self, groups: int) -> None:
+        """Run the text tower and the fusion encoder in `groups` groups of similar caption
+        length (1: the whole batch at the length of its longest caption)."""
+        if groups < 1:
+            raise ValueError(f"length groups must be >= 1, got {groups}")
+        self.length_groups = groups
+        if self.fusion is not None:
+            self.fusion.length_groups = groups
 
     def _text_tower(self, x: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, L, W) -> the text tower's states after `ln_final` (B, L, W)."""
@@ -276,7 +300,8 @@ class VisionLanguageModel(nn.Module):
         if not fusion.cfg.text_states:
             text_states = None
         elif text_states is None:
-            text_states = self._text_tower(fusion.embed_tokens(tokens, self.text.token_embedding))
+            embedded = fusion.embed_tokens(tokens, self.text.token_embedding)
+            text_states = self._text_states(tokens, embedded)
         return fusion(tokens, visual_tokens, self.text.token_embedding, text_states)
 
     def fusion_text_parameters(self) -> list[nn.Parameter]:
@@ -289,10 +314,13 @@ class VisionLanguageModel(nn.Module):
         named = self.text.named_parameters()
         return [p for name, p in named if not name.startswith("text_projection")]
 
-    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Fused states at masked positions (n, W) -> vocabulary logits (n, V)."""
+    def mlm_logits(self, hidden: torch.Tensor, full: bool = True) -> torch.Tensor:
+        """Fused states at masked positions (n, W) -> vocabulary logits: (n, V), -inf outside
+        the MLM head's output vocabulary, or with `full=False` (n, V') over that vocabulary only
+        (columns: `fusion.mlm_head.vocab_index`; what training uses)."""
         assert self.fusion is not None
-        return self.fusion.mlm_head(hidden, self.text.token_embedding)
+        head, table = self.fusion.mlm_head, self.text.token_embedding
+        return head(hidden, table) if full else head.vocab_logits(hidden, table)
 
     def itm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Fused states (B, L, W) -> (B, 2) logits of [no match, match], from the first token."""

@@ -41,6 +41,7 @@ def mask_tokens(
     generator: torch.Generator | None = None,
     focus: torch.Tensor | None = None,
     focus_ratio: float = 0.5,
+    random_pool: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of (B, L) token ids -> (inputs, labels), both (B, L) long.
 
@@ -48,7 +49,8 @@ def mask_tokens(
     selected position is `vocab_size` (the mask id) with p=0.8, a random word id with p=0.1,
     and unchanged with p=0.1. The end token is `vocab_size - 1`, the start `vocab_size - 2`.
     A token whose id is in `focus` (1-D ids) is selected with p=`focus_ratio`, others with
-    p=`ratio`.
+    p=`ratio`. The random ids are drawn from `random_pool` (1-D word ids, e.g. the MLM head's
+    output vocabulary) when given, else from the whole vocabulary.
     """
     candidates = maskable_positions(tokens, eot_id=vocab_size - 1)
     draw = torch.rand(tokens.shape, generator=generator).to(tokens.device)
@@ -63,7 +65,11 @@ def mask_tokens(
     selected[missing, first[missing]] = True
 
     action = torch.rand(tokens.shape, generator=generator).to(tokens.device)
-    random_ids = torch.randint(1, vocab_size - 2, tokens.shape, generator=generator)
+    if random_pool is None or not random_pool.numel():
+        random_ids = torch.randint(1, vocab_size - 2, tokens.shape, generator=generator)
+    else:
+        pick = torch.randint(0, len(random_pool), tokens.shape, generator=generator)
+        random_ids = random_pool.cpu()[pick]
     inputs = tokens.clone()
     inputs[selected & (action < 0.8)] = vocab_size
     swap = selected & (action >= 0.8) & (action < 0.9)
@@ -92,6 +98,7 @@ class MaskedLanguageModeling(nn.Module):
     def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
         assert model is not None and batch is not None
         tokens = batch["text"]  # (B, L)
+        head = model.fusion.mlm_head
         vocab = model.fusion.cfg.vocab_size
         inputs, labels = mask_tokens(
             tokens,
@@ -99,15 +106,18 @@ class MaskedLanguageModeling(nn.Module):
             vocab_size=vocab,
             focus=self.focus,
             focus_ratio=self.focus_ratio,
+            random_pool=replacement_pool(head.output_tokens, vocab),
         )
         hidden = model.fuse(inputs, outputs["visual_tokens"])  # (B, L, W)
         selected = labels != IGNORE
-        # The vocabulary projection (49k wide) only at the ~15% selected positions.
-        logits = model.mlm_logits(hidden[selected]).float()  # (n, V)
-        target = labels[selected]
-        n = target.numel()
-        loss = F.cross_entropy(logits, target, reduction="sum") / max(n, 1)
-        correct = (logits.argmax(dim=1) == target).float().sum()
+        # The vocabulary projection only at the selected positions, over the head's output
+        # vocabulary (tokens outside it, index -1, are not trained).
+        logits = model.mlm_logits(hidden[selected], full=False).float()  # (n, V')
+        target = head.vocab_index(labels[selected])
+        known = target >= 0
+        n = int(known.sum())
+        loss = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") / max(n, 1)
+        correct = ((logits.argmax(dim=1) == target) & known).float().sum()
         unmaskable = ~maskable_positions(tokens, vocab - 1).any(dim=1)
         return {
             "loss/mlm": self.weight * loss,
@@ -115,3 +125,12 @@ class MaskedLanguageModeling(nn.Module):
             "mlm/masked_tokens": torch.tensor(float(n)),
             "mlm/unmaskable": unmaskable.float().sum().detach(),
         }
+
+
+def replacement_pool(output_tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """The ids BERT's 10% random replacements are drawn from: the word tokens of the MLM
+    head's output vocabulary (a restricted head could never predict the others back), or None
+    (the whole vocabulary) when the head is not restricted."""
+    if not output_tokens.numel():
+        return None
+    return output_tokens[output_tokens < vocab_size - 2]  # not the start and end tokens

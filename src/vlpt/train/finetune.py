@@ -27,9 +27,9 @@ from vlpt.train.checkpoint import CheckpointError, checkpoint_folder
 # the heads a fine-tune adds (a caption decoder on a contrastive checkpoint), a temporal module
 # added for clips, and SigLIP's bias (open_clip's CLIP checkpoints have none).
 FRESH_PARTS = ("decoder", "fusion", "mae_decoder", "temporal", "logit_bias")
-# Tensors whose size is data, not architecture: the caption decoder's output vocabulary (token
-# ids) takes the size `init` gives it.
-DATA_SIZED = ("decoder.output_tokens",)
+# Tensors whose size is data, not architecture: the output vocabularies (token ids) of the
+# caption decoder and the MLM head take the size `init` gives them.
+DATA_SIZED = ("decoder.output_tokens", "fusion.mlm_head.output_tokens")
 
 
 class InitReport(NamedTuple):

@@ -27,7 +27,7 @@ from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
 from vlpt.train import checkpoint as ckpt
 from vlpt.train.budget import StepBudget, planned_steps, with_max_steps
-from vlpt.train.build import model_from_config, set_caption_vocabulary
+from vlpt.train.build import model_from_config, set_output_vocabularies
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
 from vlpt.train.finetune import describe_init, freeze_towers, load_init_weights
@@ -170,9 +170,9 @@ def _build(
     model.to(dist_info.device)
     tokenizer = get_tokenizer(cfg.model.name)
     objectives = build_objectives(cfg, model).to(dist_info.device)
-    vocabulary = set_caption_vocabulary(model, cfg, tokenizer)  # (a resumed run loads its own)
-    if vocabulary and dist_info.is_main:
-        print(vocabulary)
+    vocabularies = set_output_vocabularies(model, cfg, tokenizer)  # (a resumed run: its own)
+    if dist_info.is_main:
+        print(*vocabularies, sep="\n", end="\n" if vocabularies else "")
     trainer = ModelWithObjectives(model, objectives)  # freezes the heads no objective trains
     optimizer = build_optimizer(model, cfg.train, dist_info.device, cfg.finetune.layer_decay)
     return model, tokenizer, trainer, optimizer
