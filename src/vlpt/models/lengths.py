@@ -39,7 +39,7 @@ def by_length(
     """`fn(rows, cut)` -> (len(rows), cut, ...) for the rows of each length group, `cut` their
     longest length; returns (B, total, ...) in the original row order, zeros past each group's
     cut (`total`: the longest length by default). `groups=1`: one call on the whole batch."""
-    if groups <= 1:
+    if groups <= 1 or lengths.is_meta:  # meta tensors (shape checks) have no lengths to sort
         every = torch.arange(len(lengths), device=lengths.device)
         cut = int(lengths.max()) if total is None else total
         return _pad_to(fn(every, cut), cut)
