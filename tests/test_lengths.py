@@ -3,6 +3,8 @@ encoder give every caption what the whole padded batch gives it, and the same gr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import MICRO_MODEL, ROOT
@@ -101,3 +103,17 @@ def test_length_groups_come_from_the_config_and_must_be_positive():
     assert build_model(MICRO_MASKED).length_groups == 4  # the default
     with pytest.raises(ConfigError, match=r"model\.length_groups"):
         load_config(None, ["model.length_groups=0"])
+
+
+def test_a_tower_that_sees_its_padding_runs_as_one_group(tmp_path):
+    cfg = json.loads((ROOT / "tests/fixtures/micro.json").read_text())
+    cfg["text_cfg"] = {**cfg["text_cfg"], "no_causal_mask": True}  # bidirectional: not exact
+    path = tmp_path / "bidirectional.json"
+    path.write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = build_model(str(path)).eval()
+    tokens = get_tokenizer(MICRO_MODEL)(CAPTIONS)
+    with torch.no_grad():
+        grouped = model.encode_text(tokens)  # the default 4 groups asked for
+        model.set_length_groups(1)
+        assert torch.equal(grouped, model.encode_text(tokens))

@@ -136,7 +136,7 @@ class MLMHead(OutputVocabulary):
 
     With an output vocabulary (`set_output_vocabulary`, e.g. the training captions' tokens:
     `objectives.mlm.vocabulary=train`) `vocab_logits` covers only those tokens: at 49,408 the
-    projection was a third of a masked step on 2 CPU cores."""
+    projection and its gradient were ~0.5 s of a 3.3 s masked step on 2 CPU cores."""
 
     def __init__(self, width: int, vocab_size: int) -> None:
         super().__init__(vocab_size)

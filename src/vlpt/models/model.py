@@ -223,10 +223,14 @@ class VisionLanguageModel(nn.Module):
         run in `length_groups` groups of similar caption length (zeros past each group's
         longest caption; `vlpt.models.lengths`)."""
         lengths = caption_lengths(tokens, self.eot_id)
+        # Exact only for a causal tower pooled at the end token or before it (every registered
+        # one): a bidirectional tower sees the padding, `last` pooling reads it.
+        tower = self.text
+        exact = tower.attn_mask is not None and tower.pool_type != "last"
         return by_length(
             lambda rows, cut: self._text_tower(x[rows, :cut]),
             lengths,
-            self.length_groups,
+            self.length_groups if exact else 1,
             total=tokens.shape[1],
         )
 
