@@ -115,14 +115,15 @@ class MaskedLanguageModeling(nn.Module):
         logits = model.mlm_logits(hidden[selected], full=False).float()  # (n, V')
         target = head.vocab_index(labels[selected])
         known = target >= 0
-        n = int(known.sum())
-        loss = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") / max(n, 1)
+        n = known.sum()  # a tensor: no host sync on the hot path
+        denominator = n.clamp(min=1).float()
+        loss = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") / denominator
         correct = ((logits.argmax(dim=1) == target) & known).float().sum()
         unmaskable = ~maskable_positions(tokens, vocab - 1).any(dim=1)
         return {
             "loss/mlm": self.weight * loss,
-            "mlm/acc": (correct / max(n, 1)).detach(),
-            "mlm/masked_tokens": torch.tensor(float(n)),
+            "mlm/acc": (correct / denominator).detach(),
+            "mlm/masked_tokens": n.float().detach(),
             "mlm/unmaskable": unmaskable.float().sum().detach(),
         }
 
