@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Normalisation of the loader tests (easy to invert by hand).
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
 
 def image_bytes(width: int = 40, height: int = 32, seed: int = 0, fmt: str = "JPEG") -> bytes:
     """A small smooth random image (colour gradient + blobs), encoded as JPEG/PNG/WEBP."""
@@ -164,3 +167,23 @@ def read_split(root: Path, split: str) -> list[dict[str, bytes]]:
                 data = tar.extractfile(member).read()
                 samples.setdefault(key, {"__key__": key.encode()})[ext] = data
     return [samples[k] for k in sorted(samples)]
+
+
+def paired_loader(root: Path, pairs_key: str, *, image_size: int, **data: object) -> tuple:
+    """A train loader over `root`/train (batches of 6, no shuffling, captions recorded) and the
+    pairs the shards name: {caption: its partner's caption} from each sample's json
+    `pairs_key` ("twin_captions", "reversed_captions"). For loaders that put each item and its
+    partner side by side (`data.twin_pairs`, `data.reversed_pairs`)."""
+    from vlpt.config import DataConfig
+    from vlpt.data import build_train_loader
+
+    recorder = CaptionRecorder()
+    cfg = DataConfig(train=[str(root / "train")], workers=0, shuffle_buffer=1, **data)
+    loader = build_train_loader(
+        cfg, tokenizer=recorder, image_size=image_size, mean=MEAN, std=STD, batch_size=6
+    )
+    pairs: dict[str, str] = {}
+    for sample in read_split(root, "train"):
+        lines = sample["txt"].decode().splitlines()
+        pairs.update(zip(lines, json.loads(sample["json"])[pairs_key], strict=True))
+    return loader, recorder, pairs

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from data_fixtures import (
+    MEAN,
+    STD,
     IdTokenizer,
     bomb_png,
     image_bytes,
@@ -24,7 +26,6 @@ import vlpt.data.loader
 from vlpt.config import DataConfig, Source
 from vlpt.data import DataSourceError, SkipCounter, build_train_loader, iter_eval_batches
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 GOOD = [sample(f"good{i}", f"0 0 {i}") for i in range(3)]
 
 

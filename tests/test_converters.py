@@ -16,6 +16,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+from data_fixtures import MEAN, STD
 from PIL import Image, ImageDraw
 
 from vlpt.cli import main
@@ -23,7 +24,6 @@ from vlpt.config import Source
 from vlpt.data import iter_eval_batches
 from vlpt.data.convert import ConversionError, convert_karpathy, convert_msrvtt
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
 

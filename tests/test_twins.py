@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import CaptionRecorder, image_bytes, read_split, write_shard
+from data_fixtures import (
+    MEAN,
+    STD,
+    image_bytes,
+    paired_loader,
+    read_split,
+    write_shard,
+)
 from data_fixtures import sample as raw_sample
 from PIL import Image
 
@@ -19,8 +26,6 @@ from vlpt.config import ConfigError, DataConfig, load_config
 from vlpt.data import build_train_loader
 from vlpt.data.synthetic import held_out_pairs, write_dataset
 from vlpt.data.synthetic.world import ObjectSpec, SceneSpec, sample_background, twin_scene
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -76,22 +81,10 @@ def test_a_scene_whose_shapes_cannot_change_has_no_twin() -> None:
 
 
 def test_twin_pairs_put_each_image_and_its_twin_in_one_batch(twins: Path) -> None:
-    caption_ids = CaptionRecorder()
-
-    cfg = DataConfig(
-        train=[str(twins / "train")],
-        workers=0,
-        shuffle_buffer=1,
-        crop_scale=(0.5, 0.6),  # random crops: the twin must get its image's crop
-        twin_pairs=True,
+    # random crops: the twin must get its image's crop
+    loader, caption_ids, pairs = paired_loader(
+        twins, "twin_captions", image_size=32, crop_scale=(0.5, 0.6), twin_pairs=True
     )
-    loader = build_train_loader(
-        cfg, tokenizer=caption_ids, image_size=32, mean=MEAN, std=STD, batch_size=6
-    )
-    pairs = {}  # caption -> the twin caption at its index, from the shards
-    for sample in read_split(twins, "train"):
-        meta = json.loads(sample["json"])
-        pairs.update(zip(sample["txt"].decode().splitlines(), meta["twin_captions"]))
     for batch in itertools.islice(loader, 4):
         images, texts = batch["image"], caption_ids.texts(batch)
         assert images.shape == (6, 3, 32, 32)

@@ -19,7 +19,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from data_fixtures import CaptionRecorder, IdTokenizer, write_shard
+from data_fixtures import MEAN, STD, IdTokenizer, paired_loader, write_shard
 
 from vlpt.config import DataConfig, Source
 from vlpt.data import (
@@ -51,7 +51,6 @@ from vlpt.data.synthetic.video_writer import encode_mp4, render_clip_frames
 from vlpt.data.synthetic.world import Background, ObjectSpec
 from vlpt.data.video import plan_frames
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 TINY = {"n_train": 24, "n_val": 8, "n_test": 8, "size": 32, "num_frames": 8, "shard_size": 12}
 
 
@@ -510,23 +509,9 @@ def test_video_eval_batches_carry_metadata_for_temporal_evaluation(video_world: 
 
 
 def test_reversed_pairs_put_each_clip_and_its_reversal_in_one_batch(video_world: Path) -> None:
-    caption_ids = CaptionRecorder()
-
-    cfg = DataConfig(
-        train=[str(video_world / "train")],
-        workers=0,
-        shuffle_buffer=1,
-        num_frames=4,
-        reversed_pairs=True,
+    loader, caption_ids, pairs = paired_loader(
+        video_world, "reversed_captions", image_size=24, num_frames=4, reversed_pairs=True
     )
-    loader = build_train_loader(
-        cfg, tokenizer=caption_ids, image_size=24, mean=MEAN, std=STD, batch_size=6
-    )
-    pairs = {}  # caption -> reversed caption of the same clip, from the shards
-    for sample in read_split(video_world, "train"):
-        meta = json.loads(sample["json"])
-        lines = sample["txt"].decode().splitlines()
-        pairs.update(zip(lines, meta["reversed_captions"]))
     for batch in itertools.islice(loader, 4):
         clips, texts = batch["image"], caption_ids.texts(batch)
         assert clips.shape == (6, 4, 3, 24, 24)
