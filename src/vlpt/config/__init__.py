@@ -15,6 +15,7 @@ from vlpt.config.objectives import (
     MIMConfig,
     MLMConfig,
     ObjectivesConfig,
+    WordRegionConfig,
 )
 from vlpt.config.schema import (
     DataConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "RunConfig",
     "Source",
     "TrainConfig",
+    "WordRegionConfig",
     "dump_config",
     "load_config",
     "parse_override",

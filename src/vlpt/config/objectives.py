@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from vlpt.config.fields import _at_least_one, _open_unit_interval, _Strict
 
@@ -83,6 +83,36 @@ class CaptionConfig(_PredictsTokens):
     """Weight of `loss/caption` in the total (CoCa uses 2 beside a contrastive weight of 1)."""
 
 
+class WordRegionConfig(_Strict):
+    """Word-region alignment (FILIP's token-wise similarity for the listed words): each listed
+    word of a caption is matched to its image's best patch against the batch's other images
+    (those whose caption names the word too are not negatives). No head: the contrastive
+    projections score words and patches."""
+
+    enabled: bool = False
+    """Train with this objective (any model: it reads the towers' per-token outputs)."""
+    weight: float = 1.0
+    """Weight of `loss/word_region` in the total."""
+    words: list[str] = []
+    """The words aligned to patches: what a region shows (colours, shapes, object names), not
+    what only the whole picture says (positions, relations)."""
+    temperature: float = 0.05
+    """Softmax temperature of the word-image scores (cosine similarities)."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _words_when_enabled(self) -> WordRegionConfig:
+        if self.enabled and not self.words:
+            raise ValueError("enabled with no words: list the words to align in `words`")
+        return self
+
+
 class ObjectivesConfig(_Strict):
     """Objectives trained beside the contrastive loss (`loss`), each switchable and weighted."""
 
@@ -90,3 +120,4 @@ class ObjectivesConfig(_Strict):
     itm: ITMConfig = ITMConfig()
     mim: MIMConfig = MIMConfig()
     caption: CaptionConfig = CaptionConfig()
+    word_region: WordRegionConfig = WordRegionConfig()

@@ -218,6 +218,19 @@ class VisionLanguageModel(nn.Module):
             pooled = pooled @ tower.text_projection
         return (F.normalize(pooled, dim=-1) if normalize else pooled), states
 
+    def project_text_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Text-tower states (..., W) through the text projection -> (..., D), unnormalised:
+        a single word's state in the contrastive space (FILIP's token-wise features)."""
+        projection = self.text.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(states)
+        return states if projection is None else states @ projection.to(states.dtype)
+
+    def project_visual_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (..., W) through the image projection -> (..., D), unnormalised."""
+        proj = self.visual.proj
+        return tokens if proj is None else tokens @ proj.to(tokens.dtype)
+
     def _text_states(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and their embeddings (B, L, W) -> the tower's states (B, L, W), the rows
         run in `length_groups` groups of similar caption length (zeros past each group's

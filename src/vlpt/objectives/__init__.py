@@ -22,6 +22,7 @@ from vlpt.objectives.itm import ImageTextMatching, sample_hard_negatives
 from vlpt.objectives.mim import MaskedImageModeling, masked_reconstruction
 from vlpt.objectives.mlm import MaskedLanguageModeling, mask_tokens
 from vlpt.objectives.stack import ModelWithObjectives
+from vlpt.objectives.word_region import WordRegionAlignment
 from vlpt.objectives.word_swap import WordSwap
 
 
@@ -41,6 +42,8 @@ def build_objectives(cfg: RunConfig, model: VisionLanguageModel | None = None) -
         enabled["mim"] = MaskedImageModeling(masked.mim.weight, masked.mim.mask_ratio)
     if masked.caption.enabled:
         enabled["caption"] = Captioning(masked.caption.weight)
+    if masked.word_region.enabled:
+        enabled["word_region"] = _word_region(cfg)
     for key, objective in enabled.items():
         if model is not None:
             _check_heads(f"objectives.{key}", objective, model, cfg.model.name)
@@ -70,12 +73,19 @@ def _contrastive(cfg: RunConfig) -> nn.Module:
 
 def _mlm(cfg: RunConfig) -> MaskedLanguageModeling:
     mlm = cfg.objectives.mlm
-    focus = None
-    if mlm.focus_words:
-        tokenizer = get_tokenizer(cfg.model.name)
-        ids = tokenizer.token_ids(mlm.focus_words) - {tokenizer.sot_id, tokenizer.eot_id}
-        focus = torch.tensor(sorted(ids))
+    focus = _word_ids(cfg, mlm.focus_words) if mlm.focus_words else None
     return MaskedLanguageModeling(mlm.weight, mlm.mask_ratio, focus, mlm.focus_ratio)
+
+
+def _word_ids(cfg: RunConfig, words: list[str]) -> torch.Tensor:
+    """The token ids of `words` (without the start and end tokens), sorted."""
+    tokenizer = get_tokenizer(cfg.model.name)
+    return torch.tensor(sorted(tokenizer.token_ids(words) - {tokenizer.sot_id, tokenizer.eot_id}))
+
+
+def _word_region(cfg: RunConfig) -> WordRegionAlignment:
+    region = cfg.objectives.word_region
+    return WordRegionAlignment(_word_ids(cfg, region.words), region.weight, region.temperature)
 
 
 def _word_swap(cfg: RunConfig) -> WordSwap:
@@ -112,6 +122,7 @@ __all__ = [
     "MaskedLanguageModeling",
     "ModelWithObjectives",
     "SigLipLoss",
+    "WordRegionAlignment",
     "WordSwap",
     "all_gather_with_grad",
     "build_objectives",
