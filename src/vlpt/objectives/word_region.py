@@ -32,6 +32,7 @@ class WordRegionAlignment(nn.Module):
     def __init__(self, word_ids: torch.Tensor, weight: float = 1.0, temperature: float = 0.05):
         super().__init__()
         self.weight, self.temperature = weight, temperature
+        self.word_ids: torch.Tensor
         self.register_buffer("word_ids", word_ids.long(), persistent=False)
 
     def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
