@@ -100,3 +100,22 @@ def test_a_batch_without_listed_words_gives_zero_loss() -> None:
 def test_bad_config_is_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"model.name={MICRO_MODEL}", *overrides])
+
+
+def test_words_alone_are_scored_by_their_own_text_embedding() -> None:
+    _, model, tokenizer, objectives, batch = _setup(["objectives.word_region.in_context=false"])
+    region = next(o for o in objectives if isinstance(o, WordRegionAlignment))
+    terms = ModelWithObjectives(model, objectives)(batch)
+    with torch.no_grad():
+        outputs = model(batch["image"], batch["text"], needs=region.needs)
+        alone = {w: model.encode_text(tokenizer([w]))[0] for w in WORDS}
+    patches = F.normalize(model.project_visual_tokens(outputs["visual_tokens"][:, 1:]), dim=-1)
+    losses = []
+    for i, caption in enumerate(CAPTIONS):
+        for word in (w for w in caption.split() if w in WORDS):
+            allowed = [j for j, other in enumerate(CAPTIONS) if j == i or word not in other.split()]
+            logits = torch.stack([(patches[j] @ alone[word]).max() for j in allowed])
+            target = torch.tensor([allowed.index(i)])
+            losses.append(F.cross_entropy(logits[None] / region.temperature, target))
+    expected = torch.stack(losses).mean()
+    torch.testing.assert_close(terms["loss/word_region"].detach(), expected, atol=1e-4, rtol=1e-4)

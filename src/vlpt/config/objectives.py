@@ -98,6 +98,11 @@ class WordRegionConfig(_Strict):
     what only the whole picture says (positions, relations)."""
     temperature: float = 0.05
     """Softmax temperature of the word-image scores (cosine similarities)."""
+    in_context: bool = True
+    """Score each word by the text tower's state at its place in the caption (FILIP; "red"
+    knows it is the triangle's colour). `false`: by the word's own embedding, the word alone as
+    a caption, so a shape word says only the shape and a colour in the patch cannot stand in
+    for it."""
 
     @field_validator("temperature")
     @classmethod

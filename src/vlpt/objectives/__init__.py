@@ -85,7 +85,13 @@ def _word_ids(cfg: RunConfig, words: list[str]) -> torch.Tensor:
 
 def _word_region(cfg: RunConfig) -> WordRegionAlignment:
     region = cfg.objectives.word_region
-    return WordRegionAlignment(_word_ids(cfg, region.words), region.weight, region.temperature)
+    ids = _word_ids(cfg, region.words)
+    alone = None
+    if not region.in_context:
+        tokenizer = get_tokenizer(cfg.model.name)
+        sot, eot = torch.full_like(ids, tokenizer.sot_id), torch.full_like(ids, tokenizer.eot_id)
+        alone = torch.stack([sot, ids, eot], dim=1)
+    return WordRegionAlignment(ids, region.weight, region.temperature, alone)
 
 
 def _word_swap(cfg: RunConfig) -> WordSwap:

@@ -29,11 +29,22 @@ class WordRegionAlignment(nn.Module):
     needs = frozenset({"features", "visual_tokens", "text_states"})
     heads: tuple[str, ...] = ()
 
-    def __init__(self, word_ids: torch.Tensor, weight: float = 1.0, temperature: float = 0.05):
+    def __init__(
+        self,
+        word_ids: torch.Tensor,
+        weight: float = 1.0,
+        temperature: float = 0.05,
+        alone: torch.Tensor | None = None,
+    ):
+        """`word_ids` (K,) sorted token ids; `alone` (K, 3) each as a caption of its own,
+        `[SOT, id, EOT]`: score the word's own text embedding (no context) instead of its
+        state in the caption."""
         super().__init__()
         self.weight, self.temperature = weight, temperature
         self.word_ids: torch.Tensor
         self.register_buffer("word_ids", word_ids.long(), persistent=False)
+        self.alone: torch.Tensor | None
+        self.register_buffer("alone", alone, persistent=False)
 
     def forward(self, outputs: dict, model=None, batch: dict | None = None) -> dict:
         assert model is not None and batch is not None
@@ -45,12 +56,15 @@ class WordRegionAlignment(nn.Module):
         if not len(owner):  # no listed word in the batch: nothing to align
             zero = patches.sum() * 0.0
             return {"loss/word_region": zero, "word_region/words": zero.detach()}
-        words = F.normalize(model.project_text_states(states[is_word]).float(), dim=-1)
+        word = tokens[is_word]  # (n,) token id of each occurrence
+        if self.alone is None:
+            words = F.normalize(model.project_text_states(states[is_word]).float(), dim=-1)
+        else:  # each word's embedding as a caption of its own: what it names, not its context
+            words = model.encode_text(self.alone).float()[torch.searchsorted(self.word_ids, word)]
         regions = F.normalize(model.project_visual_tokens(patches).float(), dim=-1)
         best = torch.einsum("nd,bpd->nbp", words, regions).amax(dim=-1)  # (n, B)
         logits = best / self.temperature
         # Images whose caption names the same word also show it: not negatives.
-        word = tokens[is_word]  # (n,) token id of each occurrence
         names = (tokens[None] == word[:, None, None]).any(dim=-1)  # (n, B)
         own = F.one_hot(owner, len(tokens)).bool()
         logits = logits.masked_fill(names & ~own, float("-inf"))
