@@ -13,7 +13,8 @@ easiest (colours, positions) and the patch tokens never have to say what shape t
 and ITM reach them only through a fresh fusion encoder that must first find the object. Here
 the signal lands on the patch the word picks, in every image, from the first step.
 
-Local batch only (no gather across ranks): the negatives are this rank's images.
+Local batch only (no gather across ranks): the negatives are this rank's images. Clips: the
+patches of every frame are candidates (and the CLS tokens of frames after the first).
 """
 
 from __future__ import annotations
