@@ -22,6 +22,13 @@ def _below_one(v: float) -> float:
     return v
 
 
+def _positive(v: float) -> float:
+    """A strictly positive number (a sampling weight, a temperature)."""
+    if v <= 0:
+        raise ValueError("must be > 0")
+    return v
+
+
 def _at_least_one(v: int) -> int:
     """A count that must be positive (frames, steps, samples)."""
     if v < 1:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from vlpt.config.fields import _at_least_one, _open_unit_interval, _Strict
+from vlpt.config.fields import _at_least_one, _open_unit_interval, _positive, _Strict
 
 
 class _PredictsTokens(_Strict):
@@ -104,12 +104,7 @@ class WordRegionConfig(_Strict):
     a caption, so a shape word says only the shape and a colour in the patch cannot stand in
     for it."""
 
-    @field_validator("temperature")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
+    _temperature = field_validator("temperature")(classmethod(lambda cls, v: _positive(v)))
 
     @model_validator(mode="after")
     def _words_when_enabled(self) -> WordRegionConfig:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from vlpt.config.fields import _at_least_one, _below_one, _Strict
+from vlpt.config.fields import _at_least_one, _below_one, _positive, _Strict
 from vlpt.config.objectives import ObjectivesConfig
 
 
@@ -23,12 +23,7 @@ class Source(_Strict):
     the mix (a curriculum: e.g. images from 0, videos from 0.4). Reaching it starts a new data
     segment with a checkpoint; some source must start at 0."""
 
-    @field_validator("weight")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("weight must be > 0")
-        return v
+    _weight = field_validator("weight")(classmethod(lambda cls, v: _positive(v)))
 
     _start_fraction = field_validator("start")(classmethod(lambda cls, v: _below_one(v)))
 
