@@ -119,3 +119,15 @@ def test_words_alone_are_scored_by_their_own_text_embedding() -> None:
             losses.append(F.cross_entropy(logits[None] / region.temperature, target))
     expected = torch.stack(losses).mean()
     torch.testing.assert_close(terms["loss/word_region"].detach(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_clip_of_copies_aligns_as_its_image_does() -> None:
+    # Every frame's patches are candidates, no frame's CLS token: a clip of three copies of an
+    # image has the image's patches (three times) and so the image's loss.
+    _, model, _, objectives, batch = _setup(["loss.weight=0"])
+    model.eval()  # no patch dropout or other randomness between the two passes
+    clips = {"image": batch["image"][:, None].expand(-1, 3, -1, -1, -1), "text": batch["text"]}
+    with torch.no_grad():
+        image = ModelWithObjectives(model, objectives)(batch)["loss/word_region"]
+        clip = ModelWithObjectives(model, objectives)(clips)["loss/word_region"]
+    torch.testing.assert_close(clip, image, atol=1e-4, rtol=1e-4)

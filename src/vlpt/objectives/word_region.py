@@ -14,7 +14,7 @@ and ITM reach them only through a fresh fusion encoder that must first find the 
 the signal lands on the patch the word picks, in every image, from the first step.
 
 Local batch only (no gather across ranks): the negatives are this rank's images. Clips: the
-patches of every frame are candidates (and the CLS tokens of frames after the first).
+patches of every frame are candidates (no frame's CLS token: it is not a region).
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def patch_tokens(visual_tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The model's visual tokens (B, T * (1 + N), W) of images (B, 3, H, W) or clips
+    (B, T, 3, H, W) -> their patch tokens (B, T * N, W): every frame's CLS token left out."""
+    frames = images.shape[1] if images.ndim == 5 else 1
+    return visual_tokens.unflatten(1, (frames, -1))[:, :, 1:].flatten(1, 2)
 
 
 class WordRegionAlignment(nn.Module):
@@ -51,7 +58,7 @@ class WordRegionAlignment(nn.Module):
         assert model is not None and batch is not None
         tokens = batch["text"]  # (B, L), cut to the batch's longest caption
         states = outputs["text_states"]  # (B, L, W)
-        patches = outputs["visual_tokens"][:, 1:]  # (B, N, W): not the (first) CLS token
+        patches = patch_tokens(outputs["visual_tokens"], batch["image"])  # (B, T * N, W)
         is_word = torch.isin(tokens, self.word_ids)  # (B, L)
         owner = is_word.nonzero()[:, 0]  # (n,) the caption (= image) of each word occurrence
         if not len(owner):  # no listed word in the batch: nothing to align
