@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import MICRO_MODEL, ROOT
 
+import vlpt.eval.rerank as rerank
 from vlpt.config import ConfigError, load_config
-from vlpt.eval.masked import _all_attributes_masked, _one_attribute_masked
-from vlpt.eval.rerank import rerank_top_k
+from vlpt.eval.masked import VisualEvalSet, _all_attributes_masked, _one_attribute_masked
+from vlpt.eval.rerank import itm_hard_negative_metrics, rerank_top_k
 from vlpt.models import build_model
 from vlpt.models.mae import mae_loss, patchify, random_patch_mask, unpatchify
 from vlpt.objectives import (
@@ -172,6 +173,30 @@ def test_rerank_keeps_small_itm_differences_under_bf16_scores():
     assert reranked[0].argsort(descending=True).tolist() == [0, 1, 2, 3, 4, 5]
     reranked, _ = rerank_top_k(scores, 3, lambda q, c: 0.5 * c.float())
     assert reranked[0].argsort(descending=True).tolist() == [2, 1, 0, 3, 4, 5]
+
+
+def test_itm_metrics_split_matches_and_hardest_negatives(monkeypatch):
+    # Four captions of three images; each caption's hardest negative is the most similar other
+    # image. A stand-in head scores (image, caption) pairs from a table.
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0.5, 0], [0, 1, 0.6], [0.7, 0, 1], [0.9, 1, 0]])
+    owner = torch.tensor([0, 1, 2, 1])
+    data = VisualEvalSet(image, text, owner, torch.zeros(3, 2, 4), ["a", "b", "c", "d"])
+    own = {(0, 0): 2.0, (1, 1): -1.0, (2, 2): 3.0, (1, 3): 0.5}  # (image, caption): score
+    hardest = {(1, 0): -2.0, (2, 1): 0.5, (0, 2): 1.0, (0, 3): -0.5}
+    table = own | hardest
+
+    def scores(model, visual_tokens, tokens, items, captions, batch_size=256):
+        return torch.tensor([table[(i, c)] for i, c in zip(items.tolist(), captions.tolist())])
+
+    monkeypatch.setattr(rerank, "itm_scores", scores)
+    metrics = itm_hard_negative_metrics(
+        build_model(MICRO_MASKED), lambda c: torch.zeros(len(c), 5), data
+    )
+    assert metrics["itm_acc_match"] == 3 / 4  # image 1 with caption 1 rejected
+    assert metrics["itm_acc_negative"] == 2 / 4  # (2, 1) and (0, 2) accepted
+    assert metrics["itm_acc"] == 5 / 8
+    assert metrics["itm_pair_acc"] == 3 / 4  # caption 1: -1.0 < 0.5
 
 
 def _cfg(*overrides: str):

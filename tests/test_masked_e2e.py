@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ROOT, run_overrides
 from safetensors.torch import load_file
@@ -55,6 +56,8 @@ def test_masked_pretraining_runs_and_its_heads_evaluate(synth_world, tmp_path, c
     assert 20 < len(vocabulary) < 200 and torch.equal(vocabulary, vocabulary.unique())
     for key in ("mlm_acc", "mlm_attr_acc", "mlm_attr_acc_shuffled", "itm_acc", "mim_loss"):
         assert 0 <= final[f"val/{key}"] < float("inf"), key
+    itm = [final[f"val/itm_acc{k}"] for k in ("", "_match", "_negative")]
+    assert itm[0] == pytest.approx((itm[1] + itm[2]) / 2) and 0 <= final["val/itm_pair_acc"] <= 1
     assert {f"val/rerank/{k}" for k in RETRIEVAL_KEYS if "_r" in k} <= set(final)
     assert sorted(p.name for p in (out / "mim").iterdir()) == [
         "val_step_00000008.png",

@@ -97,16 +97,20 @@ def reranked_retrieval_metrics(
 
 
 @torch.no_grad()
-def itm_hard_negative_accuracy(
+def itm_hard_negative_metrics(
     model: VisionLanguageModel,
     tokenizer: Tokenizer,
     data: VisualEvalSet,
     *,
     batch_size: int = 256,
     precision: str = "fp32",
-) -> float:
-    """ITM accuracy over every caption with its own image (a match) and with the most similar
-    other image by contrastive score (a hard negative, not a match)."""
+) -> dict[str, float]:
+    """ITM over every caption with its own image (a match) and with the most similar other
+    image by contrastive score (a hard negative, not a match): `itm_acc`, the accuracy over
+    both (the head's decision, match logit > no-match logit), split into `itm_acc_match` (own
+    images accepted) and `itm_acc_negative` (hardest negatives rejected), and `itm_pair_acc`,
+    how often the own image outscores the hardest negative (the order re-ranking uses; no
+    threshold)."""
     device = data.image.device
     tokens = tokenizer(data.captions).to(device)
     owner = data.text_to_image
@@ -116,7 +120,13 @@ def itm_hard_negative_accuracy(
         every = torch.arange(len(tokens), device=device)
         positive = itm_scores(model, data.visual_tokens, tokens, owner, every, batch_size)
         negative = itm_scores(model, data.visual_tokens, tokens, hardest, every, batch_size)
-    return torch.cat([positive > 0, negative <= 0]).float().mean().item()
+    accepted, rejected = (positive > 0).float(), (negative <= 0).float()
+    return {
+        "itm_acc": torch.cat([accepted, rejected]).mean().item(),
+        "itm_acc_match": accepted.mean().item(),
+        "itm_acc_negative": rejected.mean().item(),
+        "itm_pair_acc": (positive > negative).float().mean().item(),
+    }
 
 
 def evaluate_retrieval_reranked(

@@ -12,7 +12,7 @@ from vlpt.config import RunConfig
 from vlpt.eval import embed_eval_set, evaluate_zeroshot, retrieval_metrics, temporal_metrics
 from vlpt.eval.caption import evaluate_captions
 from vlpt.eval.masked import embed_with_visual_tokens, evaluate_mim, mlm_metrics
-from vlpt.eval.rerank import itm_hard_negative_accuracy, reranked_retrieval_metrics
+from vlpt.eval.rerank import itm_hard_negative_metrics, reranked_retrieval_metrics
 
 
 def evaluate_run(
@@ -69,7 +69,7 @@ def _masked_head_metrics(
         if masked.mlm.enabled:
             metrics.update(mlm_metrics(model, tokenizer, data, **common))
         if masked.itm.enabled:
-            metrics["itm_acc"] = itm_hard_negative_accuracy(model, tokenizer, data, **common)
+            metrics.update(itm_hard_negative_metrics(model, tokenizer, data, **common))
         if cfg.eval.rerank_k:
             reranked = reranked_retrieval_metrics(
                 model, tokenizer, data, cfg.eval.rerank_k, **common
