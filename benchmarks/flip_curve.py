@@ -19,7 +19,8 @@ sized from the 0% calibration too (list 0 first), their race samples/s mixes bot
 `speedup_calibrated_50` compares the calibrations alone (the dropout speed itself).
 `--quick` shrinks everything (checks that the script works; its numbers mean nothing).
 
-`--speed-only` runs only the calibrations and reports samples/s and the speedups, for any
+`--speed-only` runs only the calibrations and reports samples/s and the speedups (`--repeats N`:
+N rounds in alternating order, A B B A ..., each round's speedup and their median), for any
 `--model` (e.g. `base`, ViT-B/16 at 224 px, where the image tower is most of a step, as in
 FLIP's setting; at the tiny size the text tower and the conv stem, which see every patch, cap
 what dropping patches can save).
@@ -32,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,19 +151,32 @@ def race(
 def speed_only(
     args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]
 ) -> dict:
-    """The calibrations alone: samples/s per ratio and each one's speedup over the first."""
-    rates = {ratio: calibrate(args, work, ratio, common) for ratio in ratios}
-    first = rates[ratios[0]]
-    return {
+    """The calibrations alone: samples/s per ratio and each one's speedup over the first.
+    With `--repeats N` the ratios run N times, every other round in reverse (A B B A A B ...),
+    so that the machine's drift falls on both sides; each round gives its own speedups, and
+    the reported ones are their medians (the samples/s: medians too)."""
+    rounds: list[dict[float, float]] = []
+    for i in range(args.repeats):
+        order = ratios if i % 2 == 0 else ratios[::-1]
+        rounds.append({ratio: calibrate(args, work, ratio, common) for ratio in order})
+    first = ratios[0]
+    speedups = {r: [rates[r] / rates[first] for rates in rounds] for r in ratios}
+    result = {
         "benchmark": "flip_speed",
         "model": args.model or "config default",
         "batch_size": args.batch_size,
         "steps": args.calib_steps,
         "threads": args.threads,
+        "repeats": args.repeats,
         "load_avg_1min": round(os.getloadavg()[0], 2),
-        "samples_per_s": {str(r): round(v, 2) for r, v in rates.items()},
-        "speedup": {str(r): round(v / first, 3) for r, v in rates.items()},
+        "samples_per_s": {
+            str(r): round(statistics.median(rates[r] for rates in rounds), 2) for r in ratios
+        },
+        "speedup": {str(r): round(statistics.median(v), 3) for r, v in speedups.items()},
     }
+    if args.repeats > 1:
+        result["speedup_rounds"] = {str(r): [round(x, 3) for x in v] for r, v in speedups.items()}
+    return result
 
 
 def plot(runs: list[dict], path: Path, title: str, tuning: float = 0.0) -> None:
@@ -207,6 +222,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="", help="model.name (default: the config's tiny-conv)")
     parser.add_argument(
         "--speed-only", action="store_true", help="only the calibrations: samples/s per ratio"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="--speed-only rounds, alternating the order of the ratios; medians reported",
     )
     return parser.parse_args()
 
