@@ -229,7 +229,10 @@ def _parse_args() -> argparse.Namespace:
         default=1,
         help="--speed-only rounds, alternating the order of the ratios; medians reported",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    return args
 
 
 def main() -> None:
