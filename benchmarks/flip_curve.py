@@ -84,18 +84,33 @@ def eval_curve(records: list[dict]) -> list[tuple[float, float]]:
     return [(r["minutes"], r["eval/val/t2i_r1"]) for r in records if "eval/val/t2i_r1" in r]
 
 
-def run_name(ratio: float) -> str:
-    return f"drop{int(round(ratio * 100)):02d}"
+Setting = tuple[float, str]  # (dropout ratio, model.patch_dropout_pattern)
 
 
-def calibrate(args: argparse.Namespace, work: Path, ratio: float, common: list[str]) -> float:
-    """Training samples/s of a `--calib-steps` run at this dropout ratio."""
+def parse_setting(spec: str) -> Setting:
+    """`0.5` (FLIP's random patches) or `0.5:grid` (see model.patch_dropout_pattern)."""
+    ratio, _, pattern = spec.partition(":")
+    return float(ratio), pattern or "random"
+
+
+def run_name(setting: Setting) -> str:
+    ratio, pattern = setting
+    return f"drop{int(round(ratio * 100)):02d}" + ("" if pattern == "random" else f"-{pattern}")
+
+
+def dropout_overrides(setting: Setting) -> list[str]:
+    ratio, pattern = setting
+    return [f"model.patch_dropout={ratio}", f"model.patch_dropout_pattern={pattern}"]
+
+
+def calibrate(args: argparse.Namespace, work: Path, setting: Setting, common: list[str]) -> float:
+    """Training samples/s of a `--calib-steps` run at this dropout setting."""
     calib = run_pretrain(
         work,
-        f"{run_name(ratio)}-calibrate",
+        f"{run_name(setting)}-calibrate",
         [
             *common,
-            f"model.patch_dropout={ratio}",
+            *dropout_overrides(setting),
             f"train.max_steps={args.calib_steps}",
             "data.val=[]",
             "train.log_every=1",
@@ -106,16 +121,16 @@ def calibrate(args: argparse.Namespace, work: Path, ratio: float, common: list[s
 
 
 def race(
-    args: argparse.Namespace, work: Path, ratio: float, common: list[str], unmasked_rate: float
+    args: argparse.Namespace, work: Path, setting: Setting, common: list[str], unmasked_rate: float
 ) -> dict:
     """Calibrate, then train for `args.minutes` at this dropout ratio; the run's summary.
 
     `unmasked_rate` (samples/s at 0%, 0 if not measured) sizes the steps of a run with an
     unmasked tuning phase: those steps see every patch and go at the unmasked speed.
     """
-    name = run_name(ratio)
-    dropout = [f"model.patch_dropout={ratio}"]
-    rate = calibrate(args, work, ratio, common)
+    name, (ratio, pattern) = run_name(setting), setting
+    dropout = dropout_overrides(setting)
+    rate = calibrate(args, work, setting, common)
     tuning = [f"model.unmasked_tuning={args.unmasked_tuning}"] if ratio > 0 else []
     seconds_per_sample = 1 / rate
     if tuning and 0 < args.unmasked_tuning < 1 and unmasked_rate > 0:
@@ -139,6 +154,7 @@ def race(
     curve = eval_curve(records)
     return {
         "patch_dropout": ratio,
+        "pattern": pattern,
         "calibrated_samples_per_s": round(rate, 1),
         "samples_per_s": round(samples_per_second(records, discard_steps=min(30, steps // 3)), 1),
         "steps": max(r["step"] for r in records),
@@ -149,7 +165,7 @@ def race(
 
 
 def speed_only(
-    args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]
+    args: argparse.Namespace, work: Path, settings: list[Setting], common: list[str]
 ) -> dict:
     """The calibrations alone: samples/s per ratio and each one's speedup over the first.
     With `--repeats N` the ratios run N times, every other round in reverse (A B B A A B ...),
@@ -157,10 +173,10 @@ def speed_only(
     the reported ones are their medians (the samples/s: medians too)."""
     rounds: list[dict[float, float]] = []
     for i in range(args.repeats):
-        order = ratios if i % 2 == 0 else ratios[::-1]
-        rounds.append({ratio: calibrate(args, work, ratio, common) for ratio in order})
-    first = ratios[0]
-    speedups = {r: [rates[r] / rates[first] for rates in rounds] for r in ratios}
+        order = settings if i % 2 == 0 else settings[::-1]
+        rounds.append({run_name(s): calibrate(args, work, s, common) for s in order})
+    names = [run_name(s) for s in settings]
+    speedups = {r: [rates[r] / rates[names[0]] for rates in rounds] for r in names}
     result = {
         "benchmark": "flip_speed",
         "model": args.model or "config default",
@@ -170,12 +186,12 @@ def speed_only(
         "repeats": args.repeats,
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "samples_per_s": {
-            str(r): round(statistics.median(rates[r] for rates in rounds), 2) for r in ratios
+            r: round(statistics.median(rates[r] for rates in rounds), 2) for r in names
         },
-        "speedup": {str(r): round(statistics.median(v), 3) for r, v in speedups.items()},
+        "speedup": {r: round(statistics.median(v), 3) for r, v in speedups.items()},
     }
     if args.repeats > 1:
-        result["speedup_rounds"] = {str(r): [round(x, 3) for x in v] for r, v in speedups.items()}
+        result["speedup_rounds"] = {r: [round(x, 3) for x in v] for r, v in speedups.items()}
     return result
 
 
@@ -188,7 +204,10 @@ def plot(runs: list[dict], path: Path, title: str, tuning: float = 0.0) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for run in runs:
         minutes, r1 = zip(*run["curve"])
-        label = f"{run['patch_dropout']:.0%} dropout ({run['samples_per_s']:.0f} samples/s)"
+        pattern = "" if run["pattern"] == "random" else f" {run['pattern']}"
+        label = (
+            f"{run['patch_dropout']:.0%}{pattern} dropout ({run['samples_per_s']:.0f} samples/s)"
+        )
         if tuning and run["patch_dropout"] > 0:
             label += f", unmasked tuning {tuning:g}"
         ax.plot(minutes, r1, marker="o", label=label)
@@ -205,7 +224,11 @@ def plot(runs: list[dict], path: Path, title: str, tuning: float = 0.0) -> None:
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training minutes per ratio")
-    parser.add_argument("--ratios", default="0,0.5,0.75", help="patch dropout ratios to race")
+    parser.add_argument(
+        "--ratios",
+        default="0,0.5,0.75",
+        help="patch dropout ratios to race; RATIO:grid for model.patch_dropout_pattern=grid",
+    )
     parser.add_argument(
         "--unmasked-tuning",
         type=float,
@@ -252,11 +275,11 @@ def main() -> None:
         common += ["eval.max_items=100", "train.warmup_steps=2", "train.log_every=2"]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="flip-curve-"))
     work.mkdir(parents=True, exist_ok=True)
-    ratios = [float(r) for r in args.ratios.split(",")]
+    settings = [parse_setting(r) for r in args.ratios.split(",")]
     result = (
-        speed_only(args, work, ratios, common)
+        speed_only(args, work, settings, common)
         if args.speed_only
-        else curve_result(args, work, ratios, common)
+        else curve_result(args, work, settings, common)
     )
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
@@ -264,15 +287,15 @@ def main() -> None:
 
 
 def curve_result(
-    args: argparse.Namespace, work: Path, ratios: list[float], common: list[str]
+    args: argparse.Namespace, work: Path, settings: list[Setting], common: list[str]
 ) -> dict:
     """Race every ratio, plot the curves, and summarise them with the speedups and R@1 gaps."""
     runs: list[dict] = []
-    for ratio in ratios:  # list 0 first: its speed sizes the unmasked tuning phases
+    for setting in settings:  # list 0 first: its speed sizes the unmasked tuning phases
         unmasked = next((r["calibrated_samples_per_s"] for r in runs if r["patch_dropout"] == 0), 0)
-        runs.append(race(args, work, ratio, common, unmasked))
-    by_ratio = {run["patch_dropout"]: run for run in runs}
-    base = by_ratio.get(0.0)
+        runs.append(race(args, work, setting, common, unmasked))
+    by_name = {run_name((run["patch_dropout"], run["pattern"])): run for run in runs}
+    base = by_name.get("drop00")
     png = REPO / args.png
     model = args.model or "tiny-conv"
     title = f"FLIP on the synthetic world, {model}, {args.minutes:g} min per run"
@@ -289,16 +312,15 @@ def curve_result(
         "runs": runs,
     }
     if base is not None:
-        for ratio, key in ((0.5, "50"), (0.75, "75")):
-            if ratio in by_ratio:
-                result[f"speedup_{key}"] = round(
-                    by_ratio[ratio]["samples_per_s"] / base["samples_per_s"], 3
-                )
-                result[f"speedup_calibrated_{key}"] = round(
-                    by_ratio[ratio]["calibrated_samples_per_s"] / base["calibrated_samples_per_s"],
-                    3,
-                )
-                result[f"r1_gap_{key}"] = round(by_ratio[ratio]["final_r1"] - base["final_r1"], 4)
+        for name, run in by_name.items():
+            if run is base:
+                continue
+            key = name.removeprefix("drop").replace("-", "_")  # 50, 75, 50_grid
+            result[f"speedup_{key}"] = round(run["samples_per_s"] / base["samples_per_s"], 3)
+            result[f"speedup_calibrated_{key}"] = round(
+                run["calibrated_samples_per_s"] / base["calibrated_samples_per_s"], 3
+            )
+            result[f"r1_gap_{key}"] = round(run["final_r1"] - base["final_r1"], 4)
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -40,3 +42,17 @@ def _open_unit_interval(v: float) -> float:
     if not 0 < v < 1:
         raise ValueError("must be a fraction strictly between 0 and 1")
     return v
+
+
+def grid_block(ratio: float) -> int:
+    """The k of a `grid` pattern at `ratio`: 0 for the checkerboard (0.5), k for one kept patch
+    in every k x k block (ratio 1 - 1/k^2). A ValueError names the ratios it supports."""
+    if math.isclose(ratio, 0.5):
+        return 0
+    k = round(1 / math.sqrt(1 - ratio)) if 0 < ratio < 1 else 0
+    if k >= 2 and math.isclose(ratio, 1 - 1 / k**2, abs_tol=1e-3):
+        return k
+    raise ValueError(
+        f"grid patch dropout keeps a regular pattern: ratio 0.5 (a checkerboard) or 1 - 1/k^2 "
+        f"(one patch per k x k block: 0.75, 0.889, 0.9375); got {ratio} (use the random pattern)"
+    )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from vlpt.config.fields import _at_least_one, _below_one, _positive, _Strict
+from vlpt.config.fields import _at_least_one, _below_one, _positive, _Strict, grid_block
 from vlpt.config.objectives import ObjectivesConfig
 
 
@@ -125,6 +125,10 @@ class ModelConfig(_Strict):
     """Optional open_clip checkpoint file (.pt/.bin/.safetensors) to initialise from."""
     patch_dropout: float = 0.0
     """FLIP: fraction of image patches dropped during training (0 disables)."""
+    patch_dropout_pattern: Literal["random", "grid"] = "random"
+    """Which patches FLIP drops: `random` (FLIP's rule: a uniformly random subset per image) or
+    `grid` (a regular pattern at a random phase per image: a checkerboard at 0.5, one patch per
+    k x k block at 1 - 1/k^2, so no region loses all its patches)."""
     unmasked_tuning: float = 0.0
     """FLIP's unmasked tuning phase: train the last steps with patch dropout off. A value >= 1
     is a number of steps, one in (0, 1) a fraction of train.max_steps; 0 = no such phase."""
@@ -151,6 +155,15 @@ class ModelConfig(_Strict):
         if v < 0:
             raise ValueError("must be >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _grid_ratio(self) -> ModelConfig:
+        if self.patch_dropout and self.patch_dropout_pattern == "grid":
+            try:
+                grid_block(self.patch_dropout)
+            except ValueError as e:
+                raise ValueError(f"patch_dropout={self.patch_dropout} with the grid pattern: {e}")
+        return self
 
     @model_validator(mode="after")
     def _shift_alone(self) -> ModelConfig:

@@ -20,6 +20,7 @@ from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.fusion import FusionEncoder
 from vlpt.models.lengths import LENGTH_GROUPS, by_length, caption_lengths
 from vlpt.models.mae import MAEDecoder
+from vlpt.models.patch_dropout import PatchDropout, Pattern
 from vlpt.models.registry import get_model_config
 from vlpt.models.temporal import TemporalConfig, TemporalModule, TemporalShift
 
@@ -140,11 +141,15 @@ class VisionLanguageModel(nn.Module):
             )
         return self.decoder
 
-    def set_patch_dropout(self, ratio: float) -> None:
-        """FLIP: drop this fraction of patch tokens in training (0 turns it off)."""
-        from open_clip.transformer import PatchDropout
-
-        self.visual.patch_dropout = PatchDropout(ratio) if ratio > 0 else nn.Identity()
+    def set_patch_dropout(self, ratio: float, pattern: Pattern | None = None) -> None:
+        """FLIP: drop this fraction of patch tokens in training (0 turns it off), by `pattern`
+        (`random` or `grid`, see `vlpt.models.patch_dropout`; None keeps the last one set)."""
+        self._dropout_pattern = pattern or getattr(self, "_dropout_pattern", "random")
+        self.visual.patch_dropout = (
+            PatchDropout(ratio, self._dropout_pattern, tuple(self.visual.grid_size))
+            if ratio > 0
+            else nn.Identity()
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable and self._shift is not None:
@@ -412,6 +417,7 @@ def build_model(
     name_or_path: str = "tiny",
     *,
     patch_dropout: float = 0.0,
+    patch_dropout_pattern: Pattern = "random",
     pretrained: str = "",
     temporal: str = "",
     temporal_shift: float | None = None,
@@ -441,5 +447,5 @@ def build_model(
         from vlpt.models.weights import load_open_clip_weights
 
         load_open_clip_weights(model, pretrained)
-    model.set_patch_dropout(patch_dropout)
+    model.set_patch_dropout(patch_dropout, patch_dropout_pattern)
     return model

@@ -14,6 +14,7 @@ def model_from_config(cfg: ModelConfig, *, pretrained: bool = True) -> VisionLan
     model = build_model(
         cfg.name,
         patch_dropout=cfg.patch_dropout,
+        patch_dropout_pattern=cfg.patch_dropout_pattern,
         pretrained=cfg.pretrained if pretrained else "",
         temporal=cfg.temporal,
         temporal_shift=cfg.temporal_shift,
