@@ -200,6 +200,7 @@ def supervised_reference(
     _, cfg = load_trained_model(checkpoint)
     torch.manual_seed(0)
     model = model_from_config(cfg.model, pretrained=False).train()
+    model.set_patch_dropout(0.0)  # the readout reads every cell's patch (a FLIP run's config)
     head = ReadoutHead(model.visual.transformer.width)
     params = [*model.visual.parameters(), *head.parameters()]
     optimiser = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)

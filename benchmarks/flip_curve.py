@@ -42,6 +42,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vlpt.models.patch_dropout import PATTERNS
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pretrain/synthetic-tiny.yaml"
 
@@ -93,6 +95,8 @@ Setting = tuple[float, str]  # (dropout ratio, model.patch_dropout_pattern)
 def parse_setting(spec: str) -> Setting:
     """`0.5` (FLIP's random patches) or `0.5:grid` (see model.patch_dropout_pattern)."""
     ratio, _, pattern = spec.partition(":")
+    if pattern and pattern not in PATTERNS:
+        raise SystemExit(f"--ratios: unknown pattern {pattern!r} in {spec!r} (one of {PATTERNS})")
     return float(ratio), pattern or "random"
 
 
@@ -174,7 +178,7 @@ def speed_only(
     With `--repeats N` the ratios run N times, every other round in reverse (A B B A A B ...),
     so that the machine's drift falls on both sides; each round gives its own speedups, and
     the reported ones are their medians (the samples/s: medians too)."""
-    rounds: list[dict[float, float]] = []
+    rounds: list[dict[str, float]] = []
     for i in range(args.repeats):
         order = settings if i % 2 == 0 else settings[::-1]
         rounds.append({run_name(s): calibrate(args, work, s, common) for s in order})
@@ -288,6 +292,9 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="flip-curve-"))
     work.mkdir(parents=True, exist_ok=True)
     settings = [parse_setting(r) for r in args.ratios.split(",")]
+    names = [run_name(s) for s in settings]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--ratios names a setting twice: {args.ratios}")
     result = (
         speed_only(args, work, settings, common)
         if args.speed_only

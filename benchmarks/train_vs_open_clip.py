@@ -177,6 +177,11 @@ def open_clip_args(
     if t.grad_clip > 0:
         args += ["--grad-clip-norm", str(t.grad_clip)]
     if cfg.model.patch_dropout > 0:
+        if cfg.model.patch_dropout_pattern != "random":
+            raise SystemExit(
+                "open_clip's patch dropout is random only: race with model.patch_dropout_pattern="
+                "random, or without patch dropout"
+            )
         args += ["--force-patch-dropout", str(cfg.model.patch_dropout)]
     low, high = cfg.data.crop_scale  # the same random-resized-crop area range (1, 1: no crop)
     args += ["--aug-cfg", f"scale=({low},{high})"]

@@ -9,6 +9,7 @@ from conftest import MICRO_MODEL
 from vlpt.config import ConfigError, load_config
 from vlpt.models import build_model
 from vlpt.models.patch_dropout import PatchDropout
+from vlpt.train.build import model_from_config
 
 
 def _numbered_tokens(batch: int, rows: int, cols: int) -> torch.Tensor:
@@ -107,7 +108,9 @@ def test_model_keeps_its_pattern_through_the_unmasked_phase_and_trains_on_images
     assert isinstance(dropout, PatchDropout) and dropout.pattern == "grid"
     model.train()
     for images in (torch.randn(4, 3, 32, 32), torch.randn(2, 3, 3, 32, 32)):  # images, clips
-        features = model.encode_image(images)
+        features, tokens = model.encode_image_with_tokens(images)
+        frames = images.shape[1] if images.dim() == 5 else 1
+        assert tokens.shape[1] == frames * (1 + 8)  # CLS + half of each frame's 4 x 4 patches
         assert features.shape == (images.shape[0], 64) and features.isfinite().all()
         features.sum().backward()
     assert model.visual.conv1.weight.grad.abs().sum() > 0
@@ -116,3 +119,25 @@ def test_model_keeps_its_pattern_through_the_unmasked_phase_and_trains_on_images
     evaluated = model.eval().encode_image(images)
     model.set_patch_dropout(0.0)
     assert torch.allclose(evaluated, model.train().encode_image(images), atol=1e-6)
+
+
+def test_a_grid_the_model_cannot_hold_is_a_config_error_naming_the_keys():
+    # 0.889 (one patch per 3 x 3 block) is a grid ratio, but micro's patch grid is 4 x 4.
+    cfg = load_config(
+        None,
+        [
+            f"model.name={MICRO_MODEL}",
+            "model.patch_dropout=0.889",
+            "model.patch_dropout_pattern=grid",
+        ],
+    )
+    with pytest.raises(ConfigError, match="model.patch_dropout=0.889 .*divisible by 3"):
+        model_from_config(cfg.model)
+
+
+def test_grid_indices_follow_the_tokens_to_their_device():
+    # The meta device stands in for CUDA: phases built on the CPU move to the tokens' device.
+    dropout = PatchDropout(0.5, "grid", (4, 4)).train()
+    out = dropout(torch.empty(2, 17, 8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 9, 8)
+    assert dropout._phases.device.type == "meta"

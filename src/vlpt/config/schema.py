@@ -128,7 +128,8 @@ class ModelConfig(_Strict):
     patch_dropout_pattern: Literal["random", "grid"] = "random"
     """Which patches FLIP drops: `random` (FLIP's rule: a uniformly random subset per image) or
     `grid` (a regular pattern at a random phase per image: a checkerboard at 0.5, one patch per
-    k x k block at 1 - 1/k^2, so no region loses all its patches)."""
+    k x k block at 1 - 1/k^2, so no region loses all its patches; the model's patch grid must
+    divide into those blocks)."""
     unmasked_tuning: float = 0.0
     """FLIP's unmasked tuning phase: train the last steps with patch dropout off. A value >= 1
     is a number of steps, one in (0, 1) a fraction of train.max_steps; 0 = no such phase."""
@@ -162,7 +163,9 @@ class ModelConfig(_Strict):
             try:
                 grid_block(self.patch_dropout)
             except ValueError as e:
-                raise ValueError(f"patch_dropout={self.patch_dropout} with the grid pattern: {e}")
+                raise ValueError(
+                    f"patch_dropout={self.patch_dropout} with the grid pattern: {e}"
+                ) from None
         return self
 
     @model_validator(mode="after")

@@ -146,7 +146,12 @@ class VisionLanguageModel(nn.Module):
         (`random` or `grid`, see `vlpt.models.patch_dropout`; None keeps the last one set)."""
         self._dropout_pattern = pattern or getattr(self, "_dropout_pattern", "random")
         self.visual.patch_dropout = (
-            PatchDropout(ratio, self._dropout_pattern, tuple(self.visual.grid_size))
+            PatchDropout(
+                ratio,
+                self._dropout_pattern,
+                tuple(self.visual.grid_size),
+                device=self.visual.positional_embedding.device,
+            )
             if ratio > 0
             else nn.Identity()
         )

@@ -20,6 +20,10 @@ Pattern = Literal["random", "grid"]
 PATTERNS: tuple[str, ...] = ("random", "grid")
 
 
+class GridError(ValueError):
+    """A grid pattern that this patch grid cannot hold (the config's ratio is one a grid keeps)."""
+
+
 class PatchDropout(nn.Module):
     """Drops `ratio` of the patch tokens of (B, 1 + N, D) token sequences in training, the first
     (CLS) token always kept; `grid` = (rows, cols) of the N patches, which `pattern="grid"` needs
@@ -28,7 +32,11 @@ class PatchDropout(nn.Module):
     device."""
 
     def __init__(
-        self, ratio: float, pattern: Pattern = "random", grid: tuple[int, int] | None = None
+        self,
+        ratio: float,
+        pattern: Pattern = "random",
+        grid: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if not 0 < ratio < 1:
@@ -42,7 +50,7 @@ class PatchDropout(nn.Module):
         if pattern == "grid":
             if grid is None:
                 raise ValueError("the grid pattern needs the patch grid's (rows, cols)")
-            self._phases = grid_phases(grid, grid_block(ratio))
+            self._phases = grid_phases(grid, grid_block(ratio)).to(device)
         self.n_patches = grid[0] * grid[1] if grid else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +64,7 @@ class PatchDropout(nn.Module):
                     f"grid patch dropout built for {self.n_patches} patches, got {n} tokens"
                 )
             choice = torch.randint(len(self._phases), (batch,), device=x.device)
-            if self._phases.device != x.device:
+            if self._phases.device != x.device:  # built before the model moved
                 self._phases = self._phases.to(x.device)
             keep = self._phases[choice]  # (B, K)
         else:
@@ -78,11 +86,11 @@ def grid_phases(grid: tuple[int, int], block: int) -> torch.Tensor:
     index = torch.arange(rows * cols)
     if block == 0:
         if (rows * cols) % 2:
-            raise ValueError(f"a checkerboard needs an even number of patches, got {rows}x{cols}")
+            raise GridError(f"a checkerboard needs an even number of patches, got {rows}x{cols}")
         phases = [index[(r + c) % 2 == p] for p in (0, 1)]  # equal halves: rows*cols is even
     else:
         if rows % block or cols % block:
-            raise ValueError(
+            raise GridError(
                 f"one patch per {block}x{block} block needs a patch grid divisible by {block}, "
                 f"got {rows}x{cols}"
             )

@@ -6,19 +6,26 @@ from vlpt.config import ConfigError, ModelConfig, RunConfig
 from vlpt.data.vocabulary import CaptionVocabulary, caption_vocabulary
 from vlpt.models import Tokenizer, VisionLanguageModel, build_model
 from vlpt.models.output_vocabulary import OutputVocabulary
+from vlpt.models.patch_dropout import GridError
 
 
 def model_from_config(cfg: ModelConfig, *, pretrained: bool = True) -> VisionLanguageModel:
     """Build `cfg`'s architecture; `pretrained=False` skips the initial weights (a checkpoint
     will overwrite them anyway)."""
-    model = build_model(
-        cfg.name,
-        patch_dropout=cfg.patch_dropout,
-        patch_dropout_pattern=cfg.patch_dropout_pattern,
-        pretrained=cfg.pretrained if pretrained else "",
-        temporal=cfg.temporal,
-        temporal_shift=cfg.temporal_shift,
-    )
+    try:
+        model = build_model(
+            cfg.name,
+            patch_dropout=cfg.patch_dropout,
+            patch_dropout_pattern=cfg.patch_dropout_pattern,
+            pretrained=cfg.pretrained if pretrained else "",
+            temporal=cfg.temporal,
+            temporal_shift=cfg.temporal_shift,
+        )
+    except GridError as e:  # the config's ratio, on this model's patch grid
+        raise ConfigError(
+            f"model.patch_dropout={cfg.patch_dropout} with model.patch_dropout_pattern=grid on "
+            f"{cfg.name}: {e}"
+        ) from None
     model.set_length_groups(cfg.length_groups)
     return model
 
