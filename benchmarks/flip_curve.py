@@ -105,9 +105,15 @@ def run_name(setting: Setting) -> str:
     return f"drop{int(round(ratio * 100)):02d}" + ("" if pattern == "random" else f"-{pattern}")
 
 
-def dropout_overrides(setting: Setting) -> list[str]:
+def dropout_overrides(setting: Setting, unmasked_tuning: float = 0.0) -> list[str]:
+    """The setting's dropout; the unmasked tuning phase only where asked for (the default
+    config has one of its own)."""
     ratio, pattern = setting
-    return [f"model.patch_dropout={ratio}", f"model.patch_dropout_pattern={pattern}"]
+    return [
+        f"model.patch_dropout={ratio}",
+        f"model.patch_dropout_pattern={pattern}",
+        f"model.unmasked_tuning={unmasked_tuning if ratio > 0 else 0}",
+    ]
 
 
 def calibrate(args: argparse.Namespace, work: Path, setting: Setting, common: list[str]) -> float:
@@ -136,11 +142,10 @@ def race(
     unmasked tuning phase: those steps see every patch and go at the unmasked speed.
     """
     name, (ratio, pattern) = run_name(setting), setting
-    dropout = dropout_overrides(setting)
+    dropout = dropout_overrides(setting, args.unmasked_tuning)
     rate = calibrate(args, work, setting, common)
-    tuning = [f"model.unmasked_tuning={args.unmasked_tuning}"] if ratio > 0 else []
     seconds_per_sample = 1 / rate
-    if tuning and 0 < args.unmasked_tuning < 1 and unmasked_rate > 0:
+    if ratio > 0 and 0 < args.unmasked_tuning < 1 and unmasked_rate > 0:
         f = args.unmasked_tuning
         seconds_per_sample = (1 - f) / rate + f / unmasked_rate
     steps = max(6, int(args.minutes * 60 / seconds_per_sample / args.batch_size))
@@ -150,7 +155,6 @@ def race(
         [
             *common,
             *dropout,
-            *tuning,
             f"train.max_steps={steps}",
             f"train.max_minutes={args.minutes * 1.1}",
             f"train.eval_every={max(1, steps // 6)}",

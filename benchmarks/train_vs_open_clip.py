@@ -54,6 +54,9 @@ VAL = "data/synthetic/val"
 CONFIG = "configs/pretrain/synthetic-tiny.yaml"
 ARCH = "tiny"  # the architecture both sides train: open_clip can build it (the default config's
 # `tiny-conv` has a conv stem open_clip lacks, so the race pins `model.name=tiny` on both sides)
+# The default config trains with FLIP's grid dropout; the race and throughput compare both
+# trainers on whole images, on the 560-step schedule they were first raced with.
+WHOLE_IMAGES = ["model.patch_dropout=0", "model.unmasked_tuning=0", "train.max_steps=560"]
 OPEN_CLIP_NAME = "vlpt-tiny"  # vlpt's `tiny` JSON, registered with open_clip under this name
 WORKER_FLAG = "_open_clip_worker"
 
@@ -677,7 +680,7 @@ def main() -> None:
 
         # 3. FLOPs and the machine's peak, measured first, before any subprocess exists.
         base_cfg = load_config(
-            REPO / CONFIG, [f"model.name={ARCH}", f"train.threads={args.threads}"]
+            REPO / CONFIG, [f"model.name={ARCH}", *WHOLE_IMAGES, f"train.threads={args.threads}"]
         )
         gflops, trimmed_gflops, trimmed_len, peak = measure_flops(args, base_cfg)
 
@@ -686,6 +689,7 @@ def main() -> None:
         # 1. Throughput at identical settings.
         common = [
             f"model.name={ARCH}",
+            *WHOLE_IMAGES,
             f"train.threads={args.threads}",
             "data.val=[]",
             "data.test=[]",

@@ -144,7 +144,10 @@ class VisionLanguageModel(nn.Module):
     def set_patch_dropout(self, ratio: float, pattern: Pattern | None = None) -> None:
         """FLIP: drop this fraction of patch tokens in training (0 turns it off), by `pattern`
         (`random` or `grid`, see `vlpt.models.patch_dropout`; None keeps the last one set)."""
-        self._dropout_pattern = pattern or getattr(self, "_dropout_pattern", "random")
+        if pattern is not None:
+            self._dropout_pattern: Pattern = pattern
+        elif not hasattr(self, "_dropout_pattern"):
+            self._dropout_pattern = "random"
         self.visual.patch_dropout = (
             PatchDropout(
                 ratio,
