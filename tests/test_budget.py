@@ -14,7 +14,8 @@ CONFIG = str(ROOT / "configs/pretrain/synthetic-tiny.yaml")
 
 
 def _cfg(*overrides: str):
-    return load_config(CONFIG, ["resume=", *overrides])
+    """The default config on whole images (FLIP's tuning steps have a test of their own)."""
+    return load_config(CONFIG, ["resume=", "model.patch_dropout=0", *overrides])
 
 
 def _first_fit_step(budget: StepBudget, seconds_per_step: float, start: int = 0) -> int:
@@ -57,6 +58,26 @@ def _fit_after(cfg, budget, state, clock, step, after_checkpoint=False):
     return loop._fit_to_time(
         cfg, budget, state, clock, after_checkpoint, loop.DistInfo(), loop.NullLogger()
     )
+
+
+def test_flip_tuning_steps_are_priced_at_their_slower_speed():
+    cfg = load_config(
+        CONFIG,
+        ["resume=", "model.patch_dropout=0.5", "model.unmasked_tuning=0.2", "train.max_steps=1000"],
+    )
+    budget = StepBudget(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_minutes": 100 / 60})}),
+        start_step=0,
+    )
+    step = _first_fit_step(budget, 1.0)  # masked steps of 1 s: 25 s used of 100
+    # 95% of 75 s = 71.25 masked-step units. Whole-image arithmetic would plan 25 + 71 = 96
+    # steps; 87 steps end their last 18 unmasked (steps 70-86 at 1.5 s): 45 + 17 x 1.5 = 70.5
+    # units after step 25 (88 steps would need 71.5).
+    assert budget.fit(step, 25.0, 1000) == 87
+    # A window over steps 25-79 of that plan holds 10 tuning steps: 45 + 10 x 1.5 = 60 units,
+    # so 60 s is a masked step of 1 s again.
+    budget.fit(80, 85.0, 1000, planned=87)
+    assert budget.seconds_per_step == pytest.approx(1.0)
 
 
 def test_a_later_fit_raises_the_count_again_up_to_the_configured_one():

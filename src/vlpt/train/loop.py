@@ -409,7 +409,7 @@ def _fit_to_time(
     if not (budget.observe(state.step, seconds) or checkpoint_fit):
         return None
     cap = state.configured_max_steps or cfg.train.max_steps
-    fitted = int(_from_rank0(budget.fit(state.step, seconds, cap), dist_info))
+    fitted = int(_from_rank0(budget.fit(state.step, seconds, cap, cfg.train.max_steps), dist_info))
     if fitted == cfg.train.max_steps:
         return None
     refitted = with_max_steps(cfg, fitted)
