@@ -2,9 +2,10 @@
 
 `random` is FLIP's (and open_clip's) rule: a uniformly random subset per image. `grid` keeps a
 regular pattern at a random phase per image: a checkerboard at ratio 0.5, one patch in every
-k x k block at 1 - 1/k^2 (0.75, 0.889, ...). Every part of the image keeps a patch near it, so
-an object the caption names is never dropped whole; with a convolutional stem, whose tokens see
-past their own patch, the kept tokens still cover the dropped ones' pixels.
+k x k block at 1 - 1/k^2 (0.75, 0.889, ...). No block (2 x 2 for the checkerboard, k x k) loses
+all its patches, so an object that spans one always keeps part of itself (random dropout takes
+all of a 2 x 2 block at 50% one time in 16); with a convolutional stem, whose tokens see past
+their own patch, the kept tokens also cover some of the dropped ones' pixels.
 """
 
 from __future__ import annotations
