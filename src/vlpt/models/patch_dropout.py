@@ -10,7 +10,7 @@ their own patch, the kept tokens also cover some of the dropped ones' pixels.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from vlpt.config.fields import grid_block
 
 Pattern = Literal["random", "grid"]
-PATTERNS: tuple[str, ...] = ("random", "grid")
+PATTERNS: tuple[str, ...] = get_args(Pattern)
 
 
 class GridError(ValueError):

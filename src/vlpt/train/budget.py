@@ -88,10 +88,15 @@ class StepBudget:
 
     def _units(self, first: int, end: int, run_length: int) -> float:
         """Steps `first` .. `end - 1` of a run of `run_length` steps in masked-step units."""
-        tuning_steps = self.tuning if self.tuning >= 1 else self.tuning * run_length
-        start = math.ceil(run_length - tuning_steps) if tuning_steps else end
-        unmasked = max(0, end - max(first, start))
+        unmasked = max(0, end - max(first, tuning_start(self.tuning, run_length)))
         return (end - first - unmasked) + self.slowdown * unmasked
+
+
+def tuning_start(unmasked_tuning: float, max_steps: int) -> int:
+    """The first step of FLIP's unmasked tuning phase (`model.unmasked_tuning`: a number of
+    steps when >= 1, else a fraction of the run) in a run of `max_steps`; `max_steps` if none."""
+    steps = unmasked_tuning if unmasked_tuning >= 1 else unmasked_tuning * max_steps
+    return math.ceil(max_steps - steps)
 
 
 def planned_steps(cfg: RunConfig, saved: dict[str, Any]) -> int:

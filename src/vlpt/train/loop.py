@@ -26,7 +26,7 @@ from vlpt.data import build_train_loader
 from vlpt.models import VisionLanguageModel, get_model_config, get_tokenizer
 from vlpt.objectives import ModelWithObjectives, build_objectives
 from vlpt.train import checkpoint as ckpt
-from vlpt.train.budget import StepBudget, planned_steps, with_max_steps
+from vlpt.train.budget import StepBudget, planned_steps, tuning_start, with_max_steps
 from vlpt.train.build import model_from_config, set_output_vocabularies
 from vlpt.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from vlpt.train.evaluation import evaluate_run
@@ -205,9 +205,8 @@ def data_at(cfg: RunConfig, step: int) -> DataConfig:
 
 def _patch_dropout_at(cfg: RunConfig, step: int) -> float:
     """FLIP: the patch dropout of a step; 0 in the unmasked tuning phase at the end."""
-    tuning = cfg.model.unmasked_tuning
-    tuning_steps = tuning if tuning >= 1 else tuning * cfg.train.max_steps
-    return 0.0 if step >= cfg.train.max_steps - tuning_steps else cfg.model.patch_dropout
+    unmasked = step >= tuning_start(cfg.model.unmasked_tuning, cfg.train.max_steps)
+    return 0.0 if unmasked else cfg.model.patch_dropout
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
